@@ -1,0 +1,33 @@
+"""User-facing error types.
+
+Every problem a user can cause (a bad config, a missing dataset, an unknown model, a
+run folder in the way) is raised as an :class:`OpcdError` subclass whose message is one
+paragraph naming the problem and the fix. The CLI prints that message and exits with
+status 2 instead of showing a traceback; Python callers can catch ``OpcdError``.
+"""
+
+from __future__ import annotations
+
+
+class OpcdError(Exception):
+    """Base class: a problem the user can fix; the message says what and how."""
+
+
+class ConfigError(OpcdError):
+    """A config file or a command-line override is invalid."""
+
+
+class DataError(OpcdError):
+    """A dataset is missing, empty or has malformed rows."""
+
+
+class ModelError(OpcdError):
+    """A model reference cannot be resolved, verified or loaded."""
+
+
+class IntegrityError(ModelError):
+    """A downloaded file does not match its pinned sha256 digest."""
+
+
+class RunFolderError(OpcdError):
+    """The run folder cannot be used (holds another run, is unwritable, ...)."""
