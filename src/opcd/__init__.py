@@ -1,0 +1,42 @@
+"""opcd: On-Policy Context Distillation (arXiv 2602.12275).
+
+Put what a language model does only with a context (a system prompt, experiential
+knowledge, a hint) into its weights: the student samples its own answers without the
+context, a teacher scores those tokens with it, and the student minimises the per-token
+reverse KL to the teacher.
+
+Python API (each CLI command is one of these):
+
+    opcd.train(config, overrides)   # opcd train CONFIG.yaml key=value ...
+    opcd.evaluate_model(model, task) # opcd eval --model ... --task ...
+    opcd.demo()                      # opcd demo
+    opcd.models.list_models(), opcd.models.pull(name)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "demo", "evaluate_model", "load_config", "train"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
+    if name == "train":
+        from opcd.trainer import train
+
+        return train
+    if name == "evaluate_model":
+        from opcd.api import evaluate_model
+
+        return evaluate_model
+    if name == "demo":
+        from opcd.demo import demo
+
+        return demo
+    if name == "load_config":
+        from opcd.config import load_config
+
+        return load_config
+    raise AttributeError(f"module 'opcd' has no attribute {name!r}")

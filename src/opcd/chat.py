@@ -1,0 +1,86 @@
+"""Where the context goes: the student's and the teacher's conversations, as token ids.
+
+The student's prompt is the conversation without the context c. The teacher's prompt is
+the same conversation with c: in the system message (system prompts), or joined into the
+user turn through a template (experience, hints, per-example privileged fields). Chat
+templates come from the tokenizer. The context is inserted as plain text in one pass:
+nothing in it is interpreted as a template.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from opcd.errors import DataError
+from opcd.tasks.base import Example, Task
+
+_PLACEHOLDER = re.compile(r"\{(context|prompt)\}")
+
+
+def fill_template(template: str, context: str, prompt: str) -> str:
+    """Replace ``{context}`` and ``{prompt}`` in one pass (no format-spec evaluation)."""
+    values = {"context": context, "prompt": prompt}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def student_messages(example: Example) -> list[dict[str, str]]:
+    return [{"role": "user", "content": example.prompt}]
+
+
+def teacher_messages(task: Task, example: Example) -> list[dict[str, str]]:
+    ctx = task.context(example)
+    if not ctx:
+        return student_messages(example)
+    if task.placement == "system":
+        return [{"role": "system", "content": ctx}, {"role": "user", "content": example.prompt}]
+    return [{"role": "user", "content": fill_template(task.user_template, ctx, example.prompt)}]
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template, ready to generate."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"The tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat "
+            "template. Use an instruction-tuned (chat) model."
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One example's student prompt (no context) and teacher prompt (with context)."""
+
+    example: Example
+    student_ids: list[int]
+    teacher_ids: list[int]
+    truncated: bool = False
+
+
+def build_prompt_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    example: Example,
+    *,
+    max_prompt_tokens: int,
+    truncate: bool = False,
+) -> PromptPair:
+    """Encode both prompts; refuse (or left-truncate, when configured) over-long ones."""
+    s_ids = encode_chat(tokenizer, student_messages(example))
+    t_ids = encode_chat(tokenizer, teacher_messages(task, example))
+    truncated = False
+    for name, ids in (("student", s_ids), ("teacher", t_ids)):
+        if len(ids) > max_prompt_tokens:
+            if not truncate:
+                raise DataError(
+                    f"Example {example.id!r}: the {name} prompt is {len(ids)} tokens, over "
+                    f"rollout.max_prompt_tokens={max_prompt_tokens}. Raise the limit (within the "
+                    "model's context length), shorten the context, or set "
+                    "rollout.truncate_prompts=true to keep the last tokens."
+                )
+            del ids[: len(ids) - max_prompt_tokens]
+            truncated = True
+    return PromptPair(example, s_ids, t_ids, truncated)

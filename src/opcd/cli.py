@@ -1,0 +1,132 @@
+"""The ``opcd`` command line: a thin layer over the Python API.
+
+    opcd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
+    opcd eval --model PATH_OR_NAME --task TASK [--with-context] [--split eval] [--size N]
+    opcd demo [--run-dir DIR] [--steps N]
+    opcd models                  list the embedded models and what is in the cache
+    opcd models pull NAME        fetch, verify and prepare one
+
+Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
+``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
+printed as one paragraph and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from opcd.errors import OpcdError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from opcd.trainer import train
+
+    result = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    last = result.evals[-1] if result.evals else None
+    print(f"run folder: {result.run_dir}")
+    print(f"final model: {result.final_model}")
+    if last:
+        print(f"final eval (without context): {last['score']:.3f} ± {last['stderr']:.3f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from opcd.api import evaluate_model
+
+    res = evaluate_model(
+        args.model, args.task, split=args.split, with_context=args.with_context, size=args.size,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        config=args.config, overrides=args.overrides,
+    )
+    print(res.summary())
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(res.to_dict(), f, indent=1, ensure_ascii=False)
+        print(f"responses written to {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from opcd.demo import demo
+
+    demo(run_dir=args.run_dir, steps=args.steps, model=args.model, progress=not args.quiet)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from opcd import models
+
+    if args.action == "pull":
+        if not args.name:
+            raise OpcdError("`opcd models pull` needs a model name; run `opcd models` to list them.")
+        path = models.pull(args.name, force=args.force)
+        print(f"{args.name} is ready at {path}")
+        return 0
+    print(models.format_model_table(models.list_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opcd",
+        description="On-Policy Context Distillation: distil a context (system prompt, "
+        "experience, hints) into a model's weights.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run OPCD from a YAML config with key=value overrides")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    g.add_argument("--overwrite", action="store_true", help="delete run.dir and start again")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or step lines")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="score a model on a task, with or without the context")
+    e.add_argument("--model", required=True, help="registry name, local HF folder, GGUF file or hub id")
+    e.add_argument("--task", required=True, help="task name (e.g. french)")
+    e.add_argument("--with-context", action="store_true", help="put the task's context in the prompt")
+    e.add_argument("--split", default="eval", help="train or eval (default: eval)")
+    e.add_argument("--size", type=int, default=None, help="score only the first N examples")
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--config", default=None, help="a run config whose task section to use")
+    e.add_argument("--output", default=None, help="write every response and score as JSON")
+    e.add_argument("overrides", nargs="*", help="task overrides, e.g. task.context='...'")
+    e.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("demo", help="distil 'Always answer in French' into the packaged Qwen 0.5B")
+    d.add_argument("--run-dir", default=None, help="where to write the run (default runs/demo)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
+    d.add_argument("--model", default=None, help="another student model (default qwen2.5-coder-0.5b-instruct)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    m = sub.add_parser("models", help="list embedded models; `models pull NAME` fetches one")
+    m.add_argument("action", nargs="?", choices=["list", "pull"], default="list")
+    m.add_argument("name", nargs="?", default=None)
+    m.add_argument("--force", action="store_true", help="fetch and convert again")
+    m.set_defaults(func=_cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OpcdError as e:
+        print(f"opcd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opcd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated.
+
+A run is described by one :class:`Config` (sections ``task``, ``teacher``, ``rollout``,
+``loss``, ``train``, ``lora``, ``eval``, ``run``). ``load_config(path, overrides)`` reads
+a YAML file, applies command-line overrides such as ``train.lr=1e-5`` or
+``teacher.mode=frozen`` (values are parsed as YAML scalars), and checks every key and
+value. Unknown keys list the valid ones and suggest the closest; wrong types and values
+out of range name the field and what it accepts. Errors are :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from opcd.errors import ConfigError
+
+TeacherMode = Literal["frozen", "model", "live"]
+Objective = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
+Reduction = Literal["token_mean", "seq_mean"]
+ContextPlacement = Literal["system", "user"]
+
+
+@dataclass
+class TaskConfig:
+    """What to distil: the context and the prompts it applies to."""
+
+    name: str = "french"
+    """A built-in task (see ``opcd.tasks.TASKS``), or ``system_prompt`` for your own data."""
+    context: str | None = None
+    """The context c. For built-in tasks this overrides the task's own context."""
+    placement: ContextPlacement | None = None
+    """Where c goes: ``system`` message or into the ``user`` turn (default: the task's)."""
+    user_template: str = "{context}\n\n{prompt}"
+    """For ``placement: user``: how c and the prompt are joined ({context}, {prompt})."""
+    prompts: str | None = None
+    """JSONL file of user prompts (``{"prompt": ..., "id": ..., "context": ...}``)."""
+    behaviour: str | None = None
+    """Scorer for ``system_prompt`` tasks, e.g. ``language:fr``."""
+    eval_fraction: float = 0.25
+    """Share of the prompts held out for evaluation (split by ``seed``)."""
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """Who scores the student's tokens with the context."""
+
+    mode: TeacherMode = "frozen"
+    """frozen: a frozen copy of the initial student; model: another frozen model; live: the
+    current student weights under no_grad."""
+    model: str | None = None
+    """The teacher model for ``mode: model`` (must share the student's tokenizer)."""
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples its own responses (without the context)."""
+
+    n: int = 1
+    """Responses sampled per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    """Sequences generated together."""
+    max_prompt_tokens: int = 2048
+    """Longest teacher prompt (context + prompt) accepted."""
+    truncate_prompts: bool = False
+    """Truncate over-long prompts from the left (logged) instead of refusing them."""
+
+
+@dataclass
+class LossConfig:
+    """The per-token objective."""
+
+    objective: Objective = "reverse_kl"
+    top_k: int = 256
+    renormalize: bool = False
+    """Renormalise both distributions over the k slots."""
+    union: bool = False
+    """Slots = union of the student's and the teacher's top-k."""
+    beta: float = 0.5
+    """JSD mixture weight (objective: jsd)."""
+    reduction: Reduction = "token_mean"
+    """token_mean over the batch's response tokens, or seq_mean (the paper's 1/|y|)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation."""
+
+    steps: int = 50
+    batch_size: int = 8
+    """Prompts per step (one update per rollout batch: strictly on-policy)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward (gradient accumulation bounds memory)."""
+    lr: float = 5e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    freeze_embeddings: bool = False
+    """Keep the input embeddings (and an untied output head) frozen."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """Optional LoRA (peft); the frozen teacher is then the base with the adapter off."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on held-out prompts without the context."""
+
+    every: int = 0
+    """Evaluate every N steps (0: only at the start and the end)."""
+    size: int = 32
+    """Held-out prompts scored per evaluation."""
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    seed: int = 1234
+    with_context: bool = False
+    """Also score the model with the context (the in-context ceiling), at start."""
+
+
+@dataclass
+class RunConfig:
+    """Where and how often things are written."""
+
+    dir: str = "runs/opcd"
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones deleted)."""
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    """A whole OPCD run."""
+
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    """The student: a registry name, a local HF directory, a GGUF file or a hub id."""
+    method: Literal["opcd"] = "opcd"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields whose values must be > 0 (or >= 0); checked after types.
+_POSITIVE = {
+    "rollout.n", "rollout.max_new_tokens", "rollout.batch_size", "rollout.max_prompt_tokens",
+    "rollout.temperature", "rollout.top_p", "loss.top_k", "train.steps", "train.batch_size",
+    "train.micro_batch_size", "train.lr", "train.max_grad_norm", "lora.r", "lora.alpha",
+    "eval.size", "eval.max_new_tokens", "run.keep_last",
+}
+_NON_NEGATIVE = {
+    "train.weight_decay", "lora.dropout", "eval.every", "eval.temperature", "run.save_every",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        allowed = [str(a) for a in typing.get_args(tp)]
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"Config value {key}={value!r} is not allowed: use {_type_name(tp)}.{hint}"
+        )
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}.")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}.")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}, "
+        f"got {type(value).__name__}. Fix the value in the YAML file or the override."
+    )
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = prefix or "the config file"
+        raise ConfigError(
+            f"{where} must be a mapping of keys to values, got {type(data).__name__}. "
+            "Write it as `key: value` lines in YAML."
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = sorted(fields)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {full!r}.{hint} Valid keys"
+                f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}."
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    flat = flatten(cfg.to_dict())
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"Config value {key}={flat[key]!r} must be greater than 0.")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"Config value {key}={flat[key]!r} must be 0 or more.")
+    if cfg.rollout.top_p > 1:
+        raise ConfigError(f"Config value rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
+    if cfg.loss.objective == "jsd" and not 0 < cfg.loss.beta < 1:
+        raise ConfigError(f"Config value loss.beta={cfg.loss.beta} must be strictly between 0 and 1.")
+    if not 0 < cfg.task.eval_fraction < 1:
+        raise ConfigError(
+            f"Config value task.eval_fraction={cfg.task.eval_fraction} must be strictly between 0 and 1."
+        )
+    if cfg.teacher.mode == "model" and not cfg.teacher.model:
+        raise ConfigError(
+            "teacher.mode=model needs teacher.model: the name or path of the teacher model "
+            "(it must share the student's tokenizer), e.g. teacher.model=qwen2.5-coder-1.5b-instruct."
+        )
+    if cfg.teacher.mode != "model" and cfg.teacher.model:
+        raise ConfigError(
+            f"teacher.model={cfg.teacher.model!r} is set but teacher.mode={cfg.teacher.mode!r}; "
+            "set teacher.mode=model to use a separate teacher, or remove teacher.model."
+        )
+    if "{prompt}" not in cfg.task.user_template or "{context}" not in cfg.task.user_template:
+        raise ConfigError(
+            f"task.user_template={cfg.task.user_template!r} must contain both {{context}} and {{prompt}}."
+        )
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-5", "lora.enabled=true"]`` into a nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"Override {item!r} is not of the form key=value (for example train.lr=1e-5)."
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"Override {item!r} has an empty key; write e.g. train.steps=10.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r} conflicts with another override of {part!r}.")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Validate a plain dict (plus overrides) into a :class:`Config`."""
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    cfg = _build(Config, merged, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {str(p)!r} does not exist. Check the path.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}."
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Config file {str(p)!r} must hold a mapping of keys to values, not a {type(data).__name__}."
+        )
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (or start from defaults when None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

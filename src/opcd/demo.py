@@ -1,0 +1,91 @@
+"""``opcd demo``: the embedded default run, end to end, with a before/after report.
+
+Distils the system prompt "Always answer in French, whatever the language of the
+question" into the packaged Qwen2.5-Coder-0.5B-Instruct with OPCD (LoRA, frozen base as
+teacher), then reports on held-out prompts *without* the system prompt the French rate
+before and after training, next to the in-context rate (the ceiling). Writes a run
+folder with the config, metrics JSONL, the final model, a PNG plot and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from opcd.config import load_config
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def _free_run_dir(base: str) -> str:
+    """``runs/demo``, or ``runs/demo-2``, ... if it is taken: a demo never overwrites a run."""
+    p = Path(base)
+    if not p.exists() or not any(p.iterdir()):
+        return base
+    i = 2
+    while Path(f"{base}-{i}").exists():
+        i += 1
+    return f"{base}-{i}"
+
+
+def demo(
+    run_dir: str | None = None,
+    steps: int | None = None,
+    model: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo and return its summary (also written to ``summary.json``)."""
+    from opcd.models import pull
+    from opcd.trainer import train
+
+    overrides = [f"run.dir={_free_run_dir(run_dir or 'runs/demo')}"]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    if model is not None:
+        overrides.append(f"model={model}")
+    cfg = load_config(DEMO_CONFIG, overrides)
+    t0 = time.perf_counter()
+    from opcd.models.registry import REGISTRY
+
+    if cfg.model in REGISTRY:
+        pull(cfg.model)
+    t_pull = time.perf_counter() - t0
+    result = train(cfg, progress=progress)
+    evals = [e for e in result.evals if not e["with_context"]]
+    ctx = [e for e in result.evals if e["with_context"]]
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task.name,
+        "steps": result.steps,
+        "eval_prompts": evals[0]["n"] if evals else 0,
+        "before": {"rate": evals[0]["score"], "stderr": evals[0]["stderr"]} if evals else None,
+        "after": {"rate": evals[-1]["score"], "stderr": evals[-1]["stderr"]} if evals else None,
+        "in_context": {"rate": ctx[0]["score"], "stderr": ctx[0]["stderr"]} if ctx else None,
+        "curve": [(e["step"], e["score"]) for e in evals],
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "seconds_pull": round(t_pull, 1),
+        "run_dir": str(result.run_dir),
+        "final_model": str(result.final_model),
+        "plot": str(result.run_dir / "plot.png"),
+    }
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def cell(x: dict[str, float] | None) -> str:
+        return f"{x['rate'] * 100:5.1f}% ± {x['stderr'] * 100:4.1f}" if x else "   n/a"
+
+    lines = [
+        "",
+        f"OPCD demo: {s['task']} system prompt distilled into {s['model']} ({s['steps']} steps)",
+        f"French rate on {s['eval_prompts']} held-out prompts:",
+        f"  without the system prompt, before training : {cell(s['before'])}",
+        f"  without the system prompt, after OPCD      : {cell(s['after'])}",
+        f"  with the system prompt (in-context ceiling): {cell(s['in_context'])}",
+        f"run folder {s['run_dir']} (plot: {s['plot']}); {s['seconds_total']:.0f} s in all",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""System-prompt distillation: a system prompt, user prompts, and a behaviour scorer.
+
+The teacher sees the system prompt in the system message; the student sees the same
+conversation without it. The prompts come from a JSONL file (one object per line with a
+``prompt`` field, optional ``id`` and ``context``), split into train / eval by seed. The
+behaviour scorer is named by a string: ``language:fr`` scores 1 when the response is in
+French (language identification with langid).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from opcd.errors import ConfigError, DataError
+from opcd.tasks.base import SPLITS, Example, Placement, Task
+
+DATA_DIR = Path(__file__).parent / "data"
+
+FRENCH_SYSTEM_PROMPT = (
+    "Always answer in French, whatever the language of the question. "
+    "Toujours répondre en français."
+)
+
+
+def load_prompts(path: str | Path) -> list[Example]:
+    """Read a JSONL prompt file; errors name the file and line and say how to fix them."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"Dataset {str(p)!r} does not exist. Point task.prompts at a JSONL file with one "
+            '{"prompt": "..."} object per line.'
+        )
+    examples: list[Example] = []
+    seen: set[str] = set()
+    with p.open(encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError:
+            raise DataError(f"Dataset {str(p)!r} is not UTF-8 text.") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno} is not valid JSON ({e.msg}). "
+                "Each line must be one JSON object."
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno} is a {type(row).__name__}, not a JSON object "
+                'with a "prompt" field.'
+            )
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno} has no non-empty string field \"prompt\" "
+                f"(fields present: {', '.join(sorted(row)) or 'none'}). Add it or remove the line."
+            )
+        ctx = row.get("context")
+        if ctx is not None and not isinstance(ctx, str):
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno}: field \"context\" must be a string or absent."
+            )
+        ex_id = str(row.get("id", f"line-{lineno}"))
+        if ex_id in seen:
+            raise DataError(f"Dataset {str(p)!r} line {lineno}: id {ex_id!r} appears twice.")
+        seen.add(ex_id)
+        examples.append(Example(id=ex_id, prompt=prompt, context=ctx))
+    if not examples:
+        raise DataError(
+            f"Dataset {str(p)!r} is empty. Add at least two prompts (one per line) so that "
+            "some can be held out for evaluation."
+        )
+    return examples
+
+
+def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> dict[str, list[Example]]:
+    """Shuffle by ``seed`` and hold out ``eval_fraction`` (at least one example each side)."""
+    if len(examples) < 2:
+        raise DataError(
+            f"The dataset has {len(examples)} prompt; at least 2 are needed (train and eval)."
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(examples) * eval_fraction)), len(examples) - 1)
+    return {
+        "eval": [examples[i] for i in order[:n_eval]],
+        "train": [examples[i] for i in order[n_eval:]],
+    }
+
+
+def behaviour_scorer(spec: str) -> Callable[[str], float]:
+    """Build a response scorer from a spec string such as ``language:fr``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "language" and arg:
+        from opcd.tasks.language import is_language
+
+        return lambda text: float(is_language(text, arg))
+    if kind == "contains" and arg:
+        return lambda text: float(arg.lower() in text.lower())
+    raise ConfigError(
+        f"Unknown behaviour scorer {spec!r}. Use language:<iso code> (e.g. language:fr) or "
+        "contains:<text>."
+    )
+
+
+class SystemPromptTask(Task):
+    """Distil a system prompt; score the behaviour it causes."""
+
+    def __init__(
+        self,
+        name: str,
+        system_prompt: str,
+        examples: list[Example],
+        behaviour: str,
+        *,
+        eval_fraction: float = 0.25,
+        seed: int = 0,
+        placement: Placement = "system",
+        user_template: str = "{context}\n\n{prompt}",
+    ) -> None:
+        if not system_prompt or not system_prompt.strip():
+            raise ConfigError("The task's context (system prompt) is empty; set task.context.")
+        self.name = name
+        self.system_prompt = system_prompt
+        self.placement = placement
+        self.user_template = user_template
+        self.behaviour = behaviour
+        self._score = behaviour_scorer(behaviour)
+        self._splits = split_examples(examples, eval_fraction, seed)
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in SPLITS:
+            raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+        return self._splits[split]
+
+    def context(self, example: Example) -> str | None:
+        return example.context if example.context is not None else self.system_prompt
+
+    def score(self, example: Example, response: str) -> float:
+        return self._score(response)
+
+    def describe(self) -> str:
+        return f"{self.name} (behaviour {self.behaviour})"
