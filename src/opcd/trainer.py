@@ -79,6 +79,8 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other; choose one.")
     saved = run_dir / "config.yaml"
+    if run_dir.exists() and not resume and _only_unstarted_run(run_dir):
+        shutil.rmtree(run_dir)  # a run that failed before its first step: nothing to keep
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
             shutil.rmtree(run_dir)
@@ -121,6 +123,15 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
         ) from None
     saved.write_text(dump_config(cfg), encoding="utf-8")
     return run_dir
+
+
+def _only_unstarted_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds just the config of a run that never finished a step."""
+    names = {p.name for p in run_dir.iterdir()}
+    if not names or not names <= {"config.yaml", "metrics.jsonl"}:
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    return not metrics.is_file() or '"type": "train"' not in metrics.read_text(encoding="utf-8")
 
 
 class MetricsLog:
@@ -430,6 +441,7 @@ def train(
 ) -> TrainResult:
     """Run OPCD as configured; returns where the results are. The CLI's ``opcd train``."""
     cfg = _as_config(config, overrides)
+    build_task(cfg.task)  # bad data is reported before anything is written
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
