@@ -1,0 +1,493 @@
+"""Distillation losses for On-Policy Context Distillation (OPCD, arXiv 2602.12275).
+
+Setting
+-------
+The *student* samples a response ``y`` **without** the context ``c``; the *teacher* (the same
+kind of model, given the context) scores the same tokens **with** the context. At every
+response position ``t`` both produce logits over the vocabulary ``V``. Both sides are divided
+by a temperature ``T`` before a full-vocabulary ``log_softmax``::
+
+    log p_s(v) = log_softmax(z_s / T)[v]        log p_t(v) = log_softmax(z_t / T)[v]
+
+Top-k slots
+-----------
+Summing over all of ``V`` at every position is costly, so the divergences are evaluated on a
+set of *slots* ``S_t`` per position (default: the student's top-k tokens, ``k = 256``, picked
+from the detached student distribution). ``S_t`` may instead be the teacher's top-k, or the
+union of both (up to ``2k`` slots; a token in both lists is counted once, through a validity
+mask). The log-probabilities on the slots are the full-vocabulary values gathered at those
+indices; they are **not** renormalised over the slots unless ``renormalize=True``, which
+subtracts the log-sum-exp over the valid slots from both sides::
+
+    log p~(v) = log p(v) - log sum_{u in S_t} p(u)
+
+``k`` larger than ``|V|`` is clamped to ``|V|``; with ``k = |V|`` every divergence below is
+the exact full-vocabulary one.
+
+Per-token objectives (sum over the valid slots ``v in S_t``)
+------------------------------------------------------------
+* reverse KL (OPCD's objective)::
+
+      kl_t = sum_v p_s(v) * (log p_s(v) - log p_t(v))
+
+  The gradient is plain autograd of this formula through the student's log-probabilities
+  (no sampling estimator, no importance ratio). The teacher is treated as a constant.
+* forward KL (the off-policy baseline calls it with teacher slots)::
+
+      fkl_t = sum_v p_t(v) * (log p_t(v) - log p_s(v))
+
+* generalized Jensen-Shannon divergence ``JSD(beta)`` with the mixture
+  ``m = beta * p_t + (1 - beta) * p_s`` (computed in log space with log-sum-exp)::
+
+      jsd_t = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)
+
+  ``beta`` is the teacher's weight in the mixture. ``beta = 0.5`` is the symmetric JSD
+  (bounded by ``log 2``). For small ``beta`` it behaves like ``beta * forward KL``, for
+  ``beta`` near 1 like ``(1 - beta) * reverse KL``; at exactly ``beta = 0`` or ``beta = 1``
+  this formula is identically 0, so ``beta`` must lie strictly in ``(0, 1)`` -- use the
+  ``forward_kl`` / ``reverse_kl`` objectives for the end points.
+* sampled-token estimator (on-policy distillation): with the per-token advantage
+  ``A_t = log p_teacher(y_t) - log p_behaviour(y_t)`` (detached) and the behaviour policy's
+  log-probability ``log p_behaviour(y_t)`` recorded when ``y`` was sampled (detached)::
+
+      loss_t = -exp(log p_s(y_t) - log p_behaviour(y_t)) * A_t
+
+  Strictly on-policy the ratio equals 1 but its gradient is ``-A_t * d log p_s(y_t)``.
+
+Reduction
+---------
+``token_mean`` (default) averages over all response tokens of the batch; ``seq_mean`` is the
+paper's per-sequence mean (mean over each sequence's tokens, then over sequences). Passing the
+whole batch's totals (see :func:`reduction_totals`) makes gradient accumulation over
+micro-batches equal to one big batch.
+
+All functions here are pure tensor functions: no I/O, no models, no configuration objects.
+Invalid arguments raise :class:`ValueError` with a message naming the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MODES",
+    "OBJECTIVES",
+    "SLOT_SOURCES",
+    "TokenLoss",
+    "distill_token_loss",
+    "forward_kl_slots",
+    "jsd_slots",
+    "reduce_token_loss",
+    "reduction_totals",
+    "reverse_kl_slots",
+    "sampled_token_loss",
+    "select_slots",
+    "temperature_log_softmax",
+]
+
+OBJECTIVES: tuple[str, ...] = ("reverse_kl", "forward_kl", "jsd")
+SLOT_SOURCES: tuple[str, ...] = ("student", "teacher", "union")
+MODES: tuple[str, ...] = ("token_mean", "seq_mean")
+
+
+@dataclass
+class TokenLoss:
+    """Per-token outputs of :func:`distill_token_loss` (all of shape ``[N]``)."""
+
+    loss: Tensor
+    """Per-token loss, differentiable with respect to the student's inputs."""
+    kl: Tensor
+    """Detached reverse-KL estimate over the slots (same ``renormalize`` setting), for logging."""
+    student_topk_mass: Tensor
+    """Detached ``sum_{v in S_t} p_s(v)`` (full-vocabulary probabilities, not renormalised)."""
+    teacher_topk_mass: Tensor
+    """Detached ``sum_{v in S_t} p_t(v)`` (full-vocabulary probabilities, not renormalised)."""
+    student_entropy: Tensor
+    """Detached full-vocabulary entropy of the temperature-scaled student distribution."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"unknown {name} {value!r}; allowed values: {', '.join(repr(a) for a in allowed)}"
+        )
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (number of top-k slots), got {k!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
+        temperature <= 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(
+            f"beta must lie strictly between 0 and 1 (teacher weight in the JSD mixture), "
+            f"got {beta!r}; JSD(beta) is identically 0 at beta=0 and beta=1, use "
+            f"objective='forward_kl' or 'reverse_kl' for those limits"
+        )
+
+
+def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"shape mismatch: {name_a} has shape {tuple(a.shape)} but {name_b} has shape "
+            f"{tuple(b.shape)}; they must be equal"
+        )
+
+
+def _slot_mask(
+    student_logp_slots: Tensor, teacher_logp_slots: Tensor, mask: Tensor | None
+) -> Tensor:
+    _check_same_shape(
+        "student_logp_slots", student_logp_slots, "teacher_logp_slots", teacher_logp_slots
+    )
+    if mask is None:
+        return torch.ones_like(student_logp_slots, dtype=torch.bool)
+    _check_same_shape("mask", mask, "student_logp_slots", student_logp_slots)
+    return mask.to(torch.bool)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def temperature_log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / temperature)`` over the last (vocabulary) dimension.
+
+    Half-precision inputs (float16 / bfloat16) are upcast to float32 first; float32 and float64
+    keep their dtype.
+    """
+    _check_temperature(temperature)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def select_slots(
+    student_logp: Tensor, teacher_logp: Tensor | None, k: int, source: str = "student"
+) -> tuple[Tensor, Tensor]:
+    """Choose the slot indices at each position.
+
+    Args:
+        student_logp: ``[N, V]`` student log-probabilities (only read, never differentiated).
+        teacher_logp: ``[N, V]`` teacher log-probabilities; required unless
+            ``source == "student"``.
+        k: slots per side; values above ``V`` are clamped to ``V``.
+        source: ``"student"`` (student top-k), ``"teacher"`` (teacher top-k) or ``"union"``
+            (student top-k together with teacher top-k, ``2k`` columns).
+
+    Returns:
+        ``(indices, valid)``: ``indices`` is ``[N, S]`` long, ``valid`` is ``[N, S]`` bool.
+        For ``"student"`` / ``"teacher"`` ``S = min(k, V)`` and every slot is valid. For
+        ``"union"`` ``S = 2 * min(k, V)``; the indices are sorted by vocabulary id and each
+        duplicate (a token in both top-k lists) is marked invalid, so every token counts once.
+    """
+    _check_choice("slot_source", source, SLOT_SOURCES)
+    _check_k(k)
+    if student_logp.dim() < 1 or student_logp.shape[-1] < 1:
+        raise ValueError(
+            f"student_logp must have a non-empty last (vocabulary) dimension, got shape "
+            f"{tuple(student_logp.shape)}"
+        )
+    if source != "student":
+        if teacher_logp is None:
+            raise ValueError(f"slot_source={source!r} needs teacher_logp, got None")
+        _check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
+    k_eff = min(k, student_logp.shape[-1])
+
+    with torch.no_grad():
+        if source == "student":
+            indices = student_logp.detach().topk(k_eff, dim=-1).indices
+        elif source == "teacher":
+            assert teacher_logp is not None
+            indices = teacher_logp.detach().topk(k_eff, dim=-1).indices
+        else:
+            assert teacher_logp is not None
+            both = torch.cat(
+                [
+                    student_logp.detach().topk(k_eff, dim=-1).indices,
+                    teacher_logp.detach().topk(k_eff, dim=-1).indices,
+                ],
+                dim=-1,
+            )
+            indices = both.sort(dim=-1).values
+            valid = torch.ones_like(indices, dtype=torch.bool)
+            # Within one list indices are distinct, so a repeat can only be a shared token:
+            # after sorting, its second copy sits right after the first.
+            valid[..., 1:] = indices[..., 1:] != indices[..., :-1]
+            return indices, valid
+    return indices, torch.ones_like(indices, dtype=torch.bool)
+
+
+def _masked_renormalize(logp: Tensor, valid: Tensor) -> Tensor:
+    """Subtract the log-sum-exp over the valid slots (invalid slots do not contribute)."""
+    lse = torch.logsumexp(logp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True)
+    return logp - lse
+
+
+def _kl_terms(logp: Tensor, logq: Tensor, valid: Tensor) -> Tensor:
+    """``sum_{valid v} exp(logp) * (logp - logq)`` with ``0 * log 0 = 0``, gradient-safe.
+
+    Slots with ``p = 0`` (``logp = -inf``) or ``valid = False`` contribute exactly 0 and get a
+    zero (not NaN) gradient; a slot with ``p > 0`` and ``q = 0`` gives ``+inf`` as it should.
+    """
+    keep = valid & (logp > -math.inf)
+    logp_safe = torch.where(keep, logp, torch.zeros_like(logp))
+    logq_safe = torch.where(keep, logq, torch.zeros_like(logq))
+    terms = logp_safe.exp() * (logp_safe - logq_safe)
+    return torch.where(keep, terms, torch.zeros_like(terms)).sum(dim=-1)
+
+
+def reverse_kl_slots(
+    student_logp_slots: Tensor,
+    teacher_logp_slots: Tensor,
+    mask: Tensor | None = None,
+    renormalize: bool = False,
+) -> Tensor:
+    """Reverse KL over the slots: ``sum_v p_s(v) (log p_s(v) - log p_t(v))``.
+
+    Args:
+        student_logp_slots, teacher_logp_slots: ``[N, S]`` log-probabilities at the slots.
+        mask: optional ``[N, S]`` bool validity mask (invalid slots are ignored).
+        renormalize: renormalise both sides over the valid slots first.
+
+    Returns:
+        ``[N]``; differentiable through both inputs (callers pass a constant teacher).
+        Each row needs at least one valid slot.
+    """
+    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
+    if renormalize:
+        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
+        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    return _kl_terms(student_logp_slots, teacher_logp_slots, valid)
+
+
+def forward_kl_slots(
+    student_logp_slots: Tensor,
+    teacher_logp_slots: Tensor,
+    mask: Tensor | None = None,
+    renormalize: bool = False,
+) -> Tensor:
+    """Forward KL over the slots: ``sum_v p_t(v) (log p_t(v) - log p_s(v))``; ``[N]``.
+
+    Arguments as in :func:`reverse_kl_slots`.
+    """
+    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
+    if renormalize:
+        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
+        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    return _kl_terms(teacher_logp_slots, student_logp_slots, valid)
+
+
+def jsd_slots(
+    student_logp_slots: Tensor,
+    teacher_logp_slots: Tensor,
+    mask: Tensor | None = None,
+    renormalize: bool = False,
+    *,
+    beta: float = 0.5,
+) -> Tensor:
+    """Generalized JSD over the slots; ``[N]``.
+
+    ``m = beta * p_t + (1 - beta) * p_s`` and
+    ``jsd = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``. ``beta`` is the teacher's weight
+    in the mixture and must satisfy ``0 < beta < 1`` (the formula is 0 at both end points).
+    Other arguments as in :func:`reverse_kl_slots`.
+    """
+    _check_beta(beta)
+    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
+    if renormalize:
+        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
+        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    # Slots that are invalid or have p_s = p_t = 0 contribute nothing; give them finite
+    # placeholder values so the log-sum-exp below has a NaN-free gradient.
+    dead = ~valid | ((student_logp_slots == -math.inf) & (teacher_logp_slots == -math.inf))
+    zeros = torch.zeros_like(student_logp_slots)
+    s = torch.where(dead, zeros, student_logp_slots)
+    t = torch.where(dead, zeros, teacher_logp_slots)
+    log_m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)], dim=0), dim=0)
+    live = ~dead
+    return beta * _kl_terms(t, log_m, live) + (1.0 - beta) * _kl_terms(s, log_m, live)
+
+
+# --------------------------------------------------------------------------- per-token losses
+
+
+def distill_token_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    objective: str = "reverse_kl",
+    k: int = 256,
+    temperature: float = 1.0,
+    renormalize: bool = False,
+    slot_source: str = "student",
+    beta: float = 0.5,
+) -> TokenLoss:
+    """Per-token distillation loss at the response positions.
+
+    Args:
+        student_logits: ``[N, V]`` raw student logits (no context) at the N response positions.
+        teacher_logits: ``[N, V]`` raw teacher logits (with context) at the same positions;
+            detached here, the teacher is a constant target.
+        objective: ``"reverse_kl"`` (OPCD), ``"forward_kl"`` or ``"jsd"``.
+        k: top-k slots per side (clamped to ``V``).
+        temperature: ``T > 0``; both sides use ``log_softmax(logits / T)``.
+        renormalize: renormalise both sides over the slots before the divergence.
+        slot_source: ``"student"``, ``"teacher"`` or ``"union"`` (see :func:`select_slots`).
+        beta: teacher weight of the JSD mixture, ``0 < beta < 1``; only read (and validated)
+            when ``objective == "jsd"``.
+
+    Returns:
+        :class:`TokenLoss` with ``[N]`` tensors.
+    """
+    _check_choice("objective", objective, OBJECTIVES)
+    _check_choice("slot_source", slot_source, SLOT_SOURCES)
+    _check_k(k)
+    _check_temperature(temperature)
+    if objective == "jsd":
+        _check_beta(beta)
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension, got shape "
+            f"{tuple(student_logits.shape)}"
+        )
+
+    student_logp = temperature_log_softmax(student_logits, temperature)
+    teacher_logp = temperature_log_softmax(teacher_logits.detach(), temperature).to(
+        student_logp.dtype
+    )
+    indices, valid = select_slots(student_logp, teacher_logp, k, slot_source)
+    s_slots = student_logp.gather(-1, indices)
+    t_slots = teacher_logp.gather(-1, indices)
+
+    if objective == "reverse_kl":
+        loss = reverse_kl_slots(s_slots, t_slots, valid, renormalize)
+    elif objective == "forward_kl":
+        loss = forward_kl_slots(s_slots, t_slots, valid, renormalize)
+    else:
+        loss = jsd_slots(s_slots, t_slots, valid, renormalize, beta=beta)
+
+    with torch.no_grad():
+        s_det = s_slots.detach()
+        zero = torch.zeros_like(s_det)
+        kl = reverse_kl_slots(s_det, t_slots, valid, renormalize)
+        student_mass = torch.where(valid, s_det.exp(), zero).sum(dim=-1)
+        teacher_mass = torch.where(valid, t_slots.exp(), zero).sum(dim=-1)
+        full = student_logp.detach()
+        probs = full.exp()
+        entropy = -torch.where(probs > 0, probs * full, torch.zeros_like(full)).sum(dim=-1)
+
+    return TokenLoss(
+        loss=loss,
+        kl=kl,
+        student_topk_mass=student_mass,
+        teacher_topk_mass=teacher_mass,
+        student_entropy=entropy,
+    )
+
+
+def sampled_token_loss(
+    student_logp_sampled: Tensor,
+    behaviour_logp_sampled: Tensor,
+    teacher_logp_sampled: Tensor,
+) -> Tensor:
+    """Sampled-token (on-policy distillation) policy-gradient loss; ``[N]``.
+
+    ``A_t = log p_teacher(y_t) - log p_behaviour(y_t)`` (detached) and
+    ``loss_t = -exp(log p_s(y_t) - log p_behaviour(y_t)) * A_t``. Only
+    ``student_logp_sampled`` carries gradient; the behaviour and teacher log-probabilities are
+    detached. Strictly on-policy (behaviour = detached current student) the ratio is 1 and the
+    gradient is ``-A_t * d log p_s(y_t)``.
+    """
+    _check_same_shape(
+        "student_logp_sampled",
+        student_logp_sampled,
+        "behaviour_logp_sampled",
+        behaviour_logp_sampled,
+    )
+    _check_same_shape(
+        "student_logp_sampled", student_logp_sampled, "teacher_logp_sampled", teacher_logp_sampled
+    )
+    behaviour = behaviour_logp_sampled.detach()
+    advantage = teacher_logp_sampled.detach() - behaviour
+    ratio = torch.exp(student_logp_sampled - behaviour)
+    return -ratio * advantage
+
+
+# --------------------------------------------------------------------------- reduction
+
+
+def reduction_totals(mask: Tensor) -> tuple[float, float]:
+    """``(total_tokens, total_sequences)`` of a ``[B, R]`` response mask.
+
+    ``total_tokens`` is ``mask.sum()``; ``total_sequences`` counts the rows with at least one
+    response token. Sum these over all micro-batches of a step and pass the sums to
+    :func:`reduce_token_loss` to make accumulation match one big batch.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape [B, R], got shape {tuple(mask.shape)}")
+    m = mask.to(torch.float64)
+    return float(m.sum().item()), float((m.sum(dim=-1) > 0).sum().item())
+
+
+def _check_total(name: str, value: float | None) -> None:
+    if value is not None and not float(value) > 0:
+        raise ValueError(f"{name} must be > 0 when given, got {value!r}")
+
+
+def reduce_token_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+) -> Tensor:
+    """Reduce a ``[B, R]`` per-token loss to a scalar.
+
+    Args:
+        per_token: ``[B, R]`` per-token values; entries where ``mask`` is 0 are ignored even if
+            they are NaN or infinite.
+        mask: ``[B, R]`` response mask (bool or 0/1 float weights).
+        mode: ``"token_mean"``: ``sum(per_token * mask) / total_tokens`` (default
+            ``total_tokens = mask.sum()``, at least 1). ``"seq_mean"`` (the paper's
+            per-sequence mean): ``sum_b [sum_t per_token * mask / max(len_b, 1)] /
+            total_sequences``, where ``len_b`` is row b's token count; the default
+            ``total_sequences`` counts the rows with at least one token (empty rows add 0 to the
+            numerator and are not counted; at least 1).
+        total_tokens, total_sequences: the totals over the *whole* batch when this call sees
+            one micro-batch (see :func:`reduction_totals`); then the sum of the micro-batch
+            results equals the one-batch value, in values and in gradients.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_same_shape("per_token", per_token, "mask", mask)
+    if per_token.dim() != 2:
+        raise ValueError(f"per_token and mask must have shape [B, R], got {tuple(mask.shape)}")
+    _check_total("total_tokens", total_tokens)
+    _check_total("total_sequences", total_sequences)
+
+    weights = mask.to(per_token.dtype)
+    masked = torch.where(weights != 0, per_token * weights, torch.zeros_like(per_token))
+    if mode == "token_mean":
+        denom = weights.sum().clamp_min(1.0) if total_tokens is None else total_tokens
+        return masked.sum() / denom
+    lengths = weights.sum(dim=-1)
+    per_sequence = masked.sum(dim=-1) / lengths.clamp_min(1.0)
+    if total_sequences is None:
+        return per_sequence.sum() / (lengths > 0).sum().clamp_min(1).to(per_token.dtype)
+    return per_sequence.sum() / total_sequences
