@@ -31,3 +31,20 @@ class IntegrityError(ModelError):
 
 class RunFolderError(OpcdError):
     """The run folder cannot be used (holds another run, is unwritable, ...)."""
+
+
+class CheckpointError(OpcdError):
+    """A checkpoint is damaged (bad hash, truncated file) or does not match the run."""
+
+
+class NumericalError(OpcdError):
+    """Training stopped: too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class TrainingInterrupted(OpcdError):
+    """A run stopped on SIGINT / SIGTERM after saving a checkpoint; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
