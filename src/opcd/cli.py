@@ -8,7 +8,9 @@
 
 Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
 ``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
-printed as one paragraph and exit with status 2.
+printed as one paragraph and exit with status 2. ``opcd train`` stopped by SIGINT / SIGTERM
+saves a checkpoint and exits with 130 / 143 (128 + the signal), saying to continue with
+``--resume``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from opcd.errors import OpcdError
+from opcd.errors import OpcdError, TrainingInterrupted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -40,8 +42,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate_model(
         args.model, args.task, split=args.split, with_context=args.with_context, size=args.size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        config=args.config, overrides=args.overrides,
+        config=args.config, overrides=args.overrides, records_path=args.output_jsonl,
     )
+    if args.output_jsonl:
+        print(f"records in {args.output_jsonl} ({res.resumed} of {res.n} read back from an "
+              "earlier run)")
     print(res.summary())
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--config", default=None, help="a run config whose task section to use")
     e.add_argument("--output", default=None, help="write every response and score as JSON")
+    e.add_argument("--output-jsonl", default=None, metavar="PATH",
+                   help="append each finished batch's records to PATH (JSONL); running the same "
+                   "command again skips the items already there (resumable)")
     e.add_argument("overrides", nargs="*", help="task overrides, e.g. task.context='...'")
     e.set_defaults(func=_cmd_eval)
 
@@ -120,12 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as e:  # a checkpoint was saved: not an error, but not done
+        print(f"opcd: {e}", file=sys.stderr)
+        return e.exit_code
     except OpcdError as e:
         print(f"opcd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second signal (or Ctrl-C outside training)
         print("opcd: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

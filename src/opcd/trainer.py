@@ -16,11 +16,15 @@ written atomically and ``resume=True`` continues a run exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,14 +39,23 @@ from opcd import checkpoint as ckpt
 from opcd import losses, rollout
 from opcd.chat import PromptPair, build_prompt_pair
 from opcd.config import Config, config_from_dict, dump_config, flatten, load_config
-from opcd.errors import ConfigError, RunFolderError
+from opcd.errors import (
+    CheckpointError,
+    ConfigError,
+    NumericalError,
+    RunFolderError,
+    TrainingInterrupted,
+)
 from opcd.evaluate import EvalResult, evaluate
 from opcd.scoring import pack, response_logits
 from opcd.tasks import Task, build_task
 from opcd.teacher import Teacher
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"train.steps", "run.save_every", "run.keep_last", "eval.every", "run.plot"}
+RESUMABLE_CHANGES = {
+    "train.steps", "train.max_consecutive_skips", "run.save_every", "run.keep_last", "eval.every",
+    "run.plot",
+}
 
 
 # --------------------------------------------------------------------------- data order
@@ -74,14 +87,39 @@ class DataOrder:
 
 # --------------------------------------------------------------------------- run folder
 def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Create or check the run folder; refuse to mix two different runs in one folder."""
+    """Create or check the run folder; refuse to mix two different runs in one folder.
+
+    Called before any model is loaded, so an unusable folder (no permission, a path through
+    a regular file, a full disk) is reported at once, as a :class:`RunFolderError` naming
+    the folder and the OS error.
+    """
     run_dir = Path(cfg.run.dir)
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other; choose one.")
+    try:
+        _check_run_dir(cfg, run_dir, resume, overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+        ckpt.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    except OSError as e:
+        raise RunFolderError(
+            f"Run folder {str(run_dir)!r} is not usable: {ckpt.os_error_text(e)}. Choose a "
+            "writable run.dir (or fix its permissions, or free disk space). No model was loaded."
+        ) from None
+    return run_dir
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     saved = run_dir / "config.yaml"
-    if run_dir.exists() and not resume and _only_unstarted_run(run_dir):
+    if run_dir.is_dir() and not resume and _only_unstarted_run(run_dir):
         shutil.rmtree(run_dir)  # a run that failed before its first step: nothing to keep
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not run_dir.is_dir():
+            raise RunFolderError(
+                f"Run folder {str(run_dir)!r} exists and is not a folder. Choose another run.dir."
+            )
         if overwrite:
             shutil.rmtree(run_dir)
         elif resume:
@@ -111,53 +149,71 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
             f"Nothing to resume: run folder {str(run_dir)!r} is empty or missing. "
             "Start the run without --resume."
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunFolderError(
-            f"Run folder {str(run_dir)!r} is not writable ({e.strerror}). Choose a writable "
-            "run.dir or fix its permissions."
-        ) from None
-    saved.write_text(dump_config(cfg), encoding="utf-8")
-    return run_dir
 
 
 def _only_unstarted_run(run_dir: Path) -> bool:
     """True when ``run_dir`` holds just the config of a run that never finished a step."""
-    names = {p.name for p in run_dir.iterdir()}
+    names = {p.name for p in run_dir.iterdir() if not p.name.startswith((".tmp-", ".write-test"))}
     if not names or not names <= {"config.yaml", "metrics.jsonl"}:
         return False
     metrics = run_dir / "metrics.jsonl"
-    return not metrics.is_file() or '"type": "train"' not in metrics.read_text(encoding="utf-8")
+    return not metrics.is_file() or '"type": "train"' not in metrics.read_text(
+        encoding="utf-8", errors="replace"
+    )
 
 
 class MetricsLog:
-    """Append-only JSONL of step and eval records."""
+    """Append-only JSONL of step and eval records, consistent with the checkpoints.
+
+    Each record is appended as one whole line, flushed and fsynced, before the step's
+    checkpoint is written. On start, :meth:`reset_to` keeps exactly the records that the
+    restored checkpoint covers (none on a fresh start) and drops a line torn by a crash, so
+    after any number of crashes and resumes every step appears once.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (they are recomputed after a resume)."""
-        if not self.path.is_file():
-            return
-        keep = [
-            line for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
             return []
-        return [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        out = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash or a full disk
+            if isinstance(rec, dict):
+                out.append((line, rec))
+        return out
+
+    def reset_to(self, step: int) -> None:
+        """Keep the records of steps ``<= step`` (nothing when ``step`` is 0), atomically."""
+        keep = [
+            line for line, rec in self._lines()
+            if step > 0 and isinstance(rec.get("step"), int) and rec["step"] <= step
+        ]
+        if not keep and not self.path.exists():
+            return
+        try:
+            ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        except OSError as e:
+            raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
+
+    def read(self) -> list[dict[str, Any]]:
+        return [rec for _, rec in self._lines()]
 
 
 # --------------------------------------------------------------------------- setup
@@ -241,6 +297,7 @@ class Trainer:
         )
         self.order = DataOrder(len(self.train_examples), cfg.train.seed)
         self.step = 0
+        self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
     def _say(self, msg: str) -> None:
@@ -306,10 +363,14 @@ class Trainer:
             sums["s_mass"] += float(tl.student_topk_mass.sum())
             sums["t_mass"] += float(tl.teacher_topk_mass.sum())
             del student_logits, s_flat, t_flat, tl, per_token, loss
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
             [p for p in self.student.parameters() if p.requires_grad], cfg.train.max_grad_norm
-        )
-        self.optimizer.step()
+        ))
+        # A non-finite loss or gradient norm would poison the weights and AdamW's moments:
+        # that update is dropped (gradients cleared, no optimiser step) and reported.
+        skip_reason = non_finite_reason(sums["loss"], grad_norm)
+        if skip_reason is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t_update_start - t_teacher
         self.step += 1
@@ -333,6 +394,9 @@ class Trainer:
             "tokens_per_s": total_tokens / elapsed,
             "lr": cfg.train.lr,
             "sample": roll.texts[0][:200] if roll.texts else "",
+            "skipped": skip_reason is not None,
+            **({"skip_reason": skip_reason,
+                "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
         }
 
     def _token_loss(
@@ -372,42 +436,52 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: Path, rng: dict[str, Any]) -> Path:
+        """Checkpoint the state at the end of step ``self.step`` (``rng``: the RNGs then)."""
         return ckpt.save_checkpoint(
             run_dir / "checkpoints", self.step, self.student, self.tokenizer, self.optimizer,
-            {"data": self.order.state(), "rng": rng}, self.cfg.run.keep_last,
+            {"data": self.order.state(), "rng": rng, "consecutive_skips": self.consecutive_skips},
+            self.cfg.run.keep_last,
         )
 
     def restore(self, run_dir: Path) -> int:
-        found = ckpt.list_checkpoints(run_dir / "checkpoints")
-        if not found:
+        """Load the newest intact checkpoint (an older one when it is damaged); its step, or 0.
+
+        The teacher needs nothing from the checkpoint: the frozen copy was taken from the
+        initial weights in ``__init__`` (before this load), ``live`` reads the restored
+        student, ``model`` is reloaded from its own files, and under LoRA the frozen teacher
+        is the base with the adapter off.
+        """
+        found = ckpt.latest_intact(run_dir / "checkpoints")
+        if found is None:
             return 0
-        latest = found[-1]
-        state = ckpt.read_state(latest)
+        latest, state = found
+        try:
+            step = int(state["step"])
+            epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
+            rng = state["rng"]
+            skips = int(state.get("consecutive_skips", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {str(latest)!r} has an incomplete state ({e!r})") from None
         ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled)
         ckpt.load_optimizer(latest, self.optimizer)
-        self.order = DataOrder(
-            len(self.train_examples), self.cfg.train.seed, state["data"]["epoch"], state["data"]["index"]
-        )
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        self.order = DataOrder(len(self.train_examples), self.cfg.train.seed, epoch, index)
+        ckpt.set_rng_state(rng)
+        self.step = step
+        self.consecutive_skips = skips
         return self.step
 
     def save_final(self, run_dir: Path) -> Path:
         """Save the trained student as a plain HF model (LoRA merged) in ``run_dir/final``."""
-        final = run_dir / "final"
-        tmp = run_dir / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         model = self.student
         if self.cfg.lora.enabled:
             model = model.merge_and_unload()  # type: ignore[operator]
             self.student = model
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        return ckpt.write_dir_atomically(run_dir / "final", write, "the final model")
 
 
 def _format_step(m: dict[str, Any]) -> str:
@@ -430,6 +504,75 @@ def _as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str
     return load_config(config, overrides)
 
 
+def non_finite_reason(loss: float, grad_norm: float) -> str | None:
+    """Why a step's update must be dropped (a non-finite loss or gradient norm), or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient norm ({grad_norm})"
+    return None
+
+
+class HardStop(KeyboardInterrupt):
+    """Raised by a second SIGINT / SIGTERM: stop now (the run folder stays consistent)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stderr(msg: str) -> None:
+    # os.write, not print: safe inside a signal handler that interrupted another write.
+    with contextlib.suppress(OSError):
+        os.write(2, msg.encode("utf-8", "replace"))
+
+
+class StopSignals:
+    """SIGINT / SIGTERM during a run.
+
+    The first signal sets :attr:`signum`; the loop finishes the current step, saves a
+    checkpoint and stops. A second one raises :class:`HardStop` at once (checkpoints and
+    metrics are written atomically, so nothing is corrupted) and puts the previous handlers
+    back. Only installed from the main thread (Python allows handlers only there).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            _stderr(f"\nopcd: {name} received: finishing the current step, saving a checkpoint, "
+                    f"then stopping (send {name} again to stop at once).\n")
+            return
+        self._restore()
+        _stderr(f"\nopcd: second {name}: stopping now. The run folder keeps its last complete "
+                "checkpoint; continue with --resume.\n")
+        raise HardStop(signum)
+
+
+def _warn(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
 def train(
     config: Config | dict[str, Any] | str | Path,
     overrides: list[str] | None = None,
@@ -439,18 +582,37 @@ def train(
     progress: bool = True,
     on_eval: Callable[[int, EvalResult], None] | None = None,
 ) -> TrainResult:
-    """Run OPCD as configured; returns where the results are. The CLI's ``opcd train``."""
+    """Run OPCD as configured; returns where the results are. The CLI's ``opcd train``.
+
+    Raises :class:`TrainingInterrupted` after SIGINT / SIGTERM (a checkpoint of the last
+    finished step is saved first) and :class:`NumericalError` after
+    ``train.max_consecutive_skips`` steps in a row with a non-finite loss or gradient norm.
+    """
     cfg = _as_config(config, overrides)
     build_task(cfg.task)  # bad data is reported before anything is written
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    run_dir = prepare_run_dir(cfg, resume, overwrite)  # and an unusable folder before loading
+    with StopSignals() as stop:
+        return _run(cfg, run_dir, resume, progress, on_eval, stop)
+
+
+def _run(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    on_eval: Callable[[int, EvalResult], None] | None,
+    stop: StopSignals,
+) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     trainer = Trainer(cfg, progress=progress)
     log = MetricsLog(run_dir / "metrics.jsonl")
     start = trainer.restore(run_dir) if resume else 0
-    log.truncate_after(start)
-    if resume and start:
-        trainer._say(f"resumed {run_dir} at step {start}")
+    ckpt.clean_stale(run_dir)
+    log.reset_to(start)  # records past the checkpoint are recomputed, exactly once
+    if resume:
+        trainer._say(f"resumed {run_dir} at step {start}" if start
+                     else f"no checkpoint in {run_dir} yet: starting again from step 0")
 
     def run_eval(step: int) -> None:
         res = trainer.evaluate()
@@ -473,32 +635,37 @@ def train(
     bar = tqdm(total=steps, initial=start, desc="opcd", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     save_every = cfg.run.save_every
+    limit = cfg.train.max_consecutive_skips
+    bad: list[dict[str, Any]] = []  # the current run of skipped steps
+    saved: Path | None = None
     try:
-        while trainer.step < steps:
-            rng_at_start = ckpt.rng_state()
-            try:
-                m = trainer.train_step()
-            except KeyboardInterrupt:
-                if trainer.step > 0:
-                    trainer.save(run_dir, rng_at_start)
-                    trainer._say(
-                        f"interrupted: saved a checkpoint at step {trainer.step}; continue with --resume"
-                    )
-                raise
-            if not math.isfinite(m["loss"]):
-                trainer._say(f"warning: non-finite loss at step {m['step']}")
+        while trainer.step < steps and stop.signum is None:
+            m = trainer.train_step()
             log.write(m)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['reverse_kl']:.4f}",
                             tok_s=f"{m['tokens_per_s']:.1f}")
-            trainer._say(_format_step(m))
+            if m["skipped"]:
+                trainer.consecutive_skips += 1
+                bad.append(m)
+                _warn(f"warning: step {m['step']}: {m['skip_reason']}: update skipped "
+                      f"({trainer.consecutive_skips}/{limit} in a row); examples: "
+                      f"{', '.join(m['example_ids'])}")
+                if trainer.consecutive_skips >= limit:
+                    raise NumericalError(_numerical_message(cfg, run_dir, bad, trainer.step))
+            else:
+                trainer.consecutive_skips = 0
+                bad.clear()
+                trainer._say(_format_step(m))
             done = trainer.step >= steps
             if done or (cfg.eval.every and trainer.step % cfg.eval.every == 0):
                 run_eval(trainer.step)
-            if done or (save_every and trainer.step % save_every == 0):
-                trainer.save(run_dir, ckpt.rng_state())
+            if done or (save_every and trainer.step % save_every == 0) or stop.signum is not None:
+                saved = trainer.save(run_dir, ckpt.rng_state())
     finally:
         bar.close()
+    if stop.signum is not None and trainer.step < steps:
+        raise _interrupted(stop.signum, run_dir, trainer.step, saved)
     final = trainer.save_final(run_dir)
     history = log.read()
     if cfg.run.plot:
@@ -509,4 +676,35 @@ def train(
         run_dir=run_dir, steps=trainer.step, final_model=final,
         history=[r for r in history if r["type"] == "train"],
         evals=[r for r in history if r["type"] == "eval"],
+    )
+
+
+def _interrupted(signum: int, run_dir: Path, step: int, saved: Path | None) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    if saved is not None:
+        where = f"checkpoint of step {step} saved in {str(saved)!r}"
+    elif step > 0:
+        where = f"the checkpoint of step {step} is in {str(run_dir / 'checkpoints')!r}"
+    else:
+        where = "no step had finished, so there was nothing to save"
+    return TrainingInterrupted(
+        f"Interrupted by {name} at step {step}: {where}. Continue with `opcd train CONFIG "
+        f"--resume` (same config and run.dir {str(run_dir)!r}; train.steps may change).",
+        signum,
+    )
+
+
+def _numerical_message(cfg: Config, run_dir: Path, bad: list[dict[str, Any]], step: int) -> str:
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    last = f"the last checkpoint ({found[-1].name}) is intact" if found else "no checkpoint was written"
+    reasons = sorted({m["skip_reason"].split(" (")[0] for m in bad})
+    return (
+        f"Stopped at step {step}: {len(bad)} steps in a row ({', '.join(str(m['step']) for m in bad)}) "
+        f"had a {' / '.join(reasons)}, so their updates were skipped "
+        f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}). Examples in the last "
+        f"bad batch: {', '.join(bad[-1]['example_ids'])}. The skipped steps did not change the "
+        f"weights and {last}. Usual causes: a learning rate too high (train.lr={cfg.train.lr}) "
+        "or a degenerate example: lower train.lr or train.max_grad_norm, check those examples, "
+        "or raise train.max_consecutive_skips. Each skipped step is logged in "
+        f"{str(run_dir / 'metrics.jsonl')!r}."
     )
