@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class TrainConfig:
     freeze_embeddings: bool = False
     """Keep the input embeddings (and an untied output head) frozen."""
     gradient_checkpointing: bool = False
+    max_consecutive_skips: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (no update); after this
+    many such steps in a row the run stops with a NumericalError."""
 
 
 @dataclass
@@ -176,7 +180,7 @@ _POSITIVE = {
     "rollout.n", "rollout.max_new_tokens", "rollout.batch_size", "rollout.max_prompt_tokens",
     "rollout.temperature", "rollout.top_p", "loss.top_k", "train.steps", "train.batch_size",
     "train.micro_batch_size", "train.lr", "train.max_grad_norm", "lora.r", "lora.alpha",
-    "eval.size", "eval.max_new_tokens", "run.keep_last",
+    "eval.size", "eval.max_new_tokens", "run.keep_last", "train.max_consecutive_skips",
 }
 _NON_NEGATIVE = {
     "train.weight_decay", "lora.dropout", "eval.every", "eval.temperature", "run.save_every",
@@ -198,6 +202,34 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened: config values come from untrusted files."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _check_text(value: str, key: str) -> str:
+    """Refuse strings that cannot be written back as UTF-8 text or hold NUL characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"Config value {key} is not valid Unicode text (it holds a lone surrogate escape)."
+        ) from None
+    if "\x00" in value:
+        raise ConfigError(f"Config value {key} contains a NUL character; remove it.")
+    return value
+
+
+def _finite(value: float, key: str) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"Config value {key}={_show(value)} must be a finite number.")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -208,7 +240,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         close = difflib.get_close_matches(str(value), allowed, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"Config value {key}={value!r} is not allowed: use {_type_name(tp)}.{hint}"
+            f"Config value {key}={_show(value)} is not allowed: use {_type_name(tp)}.{hint}"
         )
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -222,13 +254,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}.")
+        raise ConfigError(f"Config value {key}={_show(value)} has the wrong type: expected {_type_name(tp)}.")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}.")
+            raise ConfigError(f"Config value {key}={_show(value)} has the wrong type: expected {_type_name(tp)}.")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -240,26 +272,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return _finite(float(value), key)
+            except OverflowError:
+                raise ConfigError(f"Config value {key}={_show(value)} is too large.") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(number, key)
     elif tp is str:
         if isinstance(value, str):
-            return value
+            return _check_text(value, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(
-        f"Config value {key}={value!r} has the wrong type: expected {_type_name(tp)}, "
+        f"Config value {key}={_show(value)} has the wrong type: expected {_type_name(tp)}, "
         f"got {type(value).__name__}. Fix the value in the YAML file or the override."
     )
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        where = prefix or "the config file"
+        where = f"Config section {prefix.rstrip('.')!r}" if prefix else "The config"
         raise ConfigError(
             f"{where} must be a mapping of keys to values, got {type(data).__name__}. "
             "Write it as `key: value` lines in YAML."
@@ -274,7 +311,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
             raise ConfigError(
-                f"Unknown config key {full!r}.{hint} Valid keys"
+                f"Unknown config key {_show(full)}.{hint} Valid keys"
                 f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}."
             )
         tp = hints[key]
@@ -342,8 +379,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"Override {item!r} has an empty key; write e.g. train.steps=10.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        except _YAML_ERRORS:
+            value = raw  # not a YAML scalar: the text itself
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -366,27 +403,63 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Validate a plain dict (plus overrides) into a :class:`Config`."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"The config must be a mapping of keys to values, got {type(data).__name__}."
+        )
     merged = _merge(data or {}, parse_overrides(overrides or []))
     cfg = _build(Config, merged, "")
     _check_ranges(cfg)
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (YAML would silently keep the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {_show(key)}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# What a YAML parse can raise besides YAMLError: bad timestamps (ValueError), deep nesting.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file and line."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"Config file {str(p)!r} does not exist. Check the path.")
+    if not p.is_file():
+        raise ConfigError(f"Config file {str(p)!r} is not a file. Check the path.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    except OSError as e:
+        raise ConfigError(f"Config file {str(p)!r} cannot be read: {e.strerror or e}.") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(
             f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}."
         ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    except _YAML_ERRORS as e:
+        raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {_show(str(e), 200)}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

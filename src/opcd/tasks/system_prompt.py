@@ -25,21 +25,42 @@ FRENCH_SYSTEM_PROMPT = (
 )
 
 
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8 (JSON escapes can smuggle in lone surrogates, which are not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_prompts(path: str | Path) -> list[Example]:
-    """Read a JSONL prompt file; errors name the file and line and say how to fix them."""
+    """Read a JSONL prompt file; errors name the file and line and say how to fix them.
+
+    The file is untrusted input: every row is checked (a JSON object, a non-empty string
+    ``prompt``, an optional string ``context`` and string or integer ``id``, valid Unicode)
+    and every problem is a :class:`DataError`. The text is kept as data, never interpreted.
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(
             f"Dataset {str(p)!r} does not exist. Point task.prompts at a JSONL file with one "
             '{"prompt": "..."} object per line.'
         )
+    if not p.is_file():
+        raise DataError(f"Dataset {str(p)!r} is not a file. Point task.prompts at a JSONL file.")
     examples: list[Example] = []
     seen: set[str] = set()
-    with p.open(encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.readlines()
-        except UnicodeDecodeError:
-            raise DataError(f"Dataset {str(p)!r} is not UTF-8 text.") from None
+    try:
+        # utf-8-sig: a leading byte-order mark (written by some editors) is not an error.
+        with p.open(encoding="utf-8-sig", errors="strict", newline="") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"Dataset {str(p)!r} is not UTF-8 text (bad byte at offset {e.start})."
+        ) from None
+    except OSError as e:
+        raise DataError(f"Dataset {str(p)!r} cannot be read: {e.strerror or e}.") from None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -50,6 +71,11 @@ def load_prompts(path: str | Path) -> list[Example]:
                 f"Dataset {str(p)!r} line {lineno} is not valid JSON ({e.msg}). "
                 "Each line must be one JSON object."
             ) from None
+        except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno} cannot be read as JSON "
+                f"({type(e).__name__}). Each line must be one JSON object."
+            ) from None
         if not isinstance(row, dict):
             raise DataError(
                 f"Dataset {str(p)!r} line {lineno} is a {type(row).__name__}, not a JSON object "
@@ -57,18 +83,32 @@ def load_prompts(path: str | Path) -> list[Example]:
             )
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
+            fields = ", ".join(sorted(repr(k)[:40] for k in row)[:12]) or "none"
             raise DataError(
                 f"Dataset {str(p)!r} line {lineno} has no non-empty string field \"prompt\" "
-                f"(fields present: {', '.join(sorted(row)) or 'none'}). Add it or remove the line."
+                f"(fields present: {fields}). Add it or remove the line."
             )
         ctx = row.get("context")
-        if ctx is not None and not isinstance(ctx, str):
+        if ctx is not None and (not isinstance(ctx, str) or not ctx.strip()):
             raise DataError(
-                f"Dataset {str(p)!r} line {lineno}: field \"context\" must be a string or absent."
+                f"Dataset {str(p)!r} line {lineno}: field \"context\" must be a non-empty string "
+                "or absent (absent: the task's context is used)."
             )
-        ex_id = str(row.get("id", f"line-{lineno}"))
+        raw_id = row.get("id", f"line-{lineno}")
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+            raise DataError(
+                f"Dataset {str(p)!r} line {lineno}: field \"id\" must be a non-empty string or "
+                "an integer (or absent: the line number is used)."
+            )
+        for name, value in (("prompt", prompt), ("context", ctx), ("id", raw_id)):
+            if isinstance(value, str) and not _is_text(value):
+                raise DataError(
+                    f"Dataset {str(p)!r} line {lineno}: field \"{name}\" is not valid Unicode "
+                    "text (it holds a lone surrogate escape such as \\ud800)."
+                )
+        ex_id = str(raw_id)
         if ex_id in seen:
-            raise DataError(f"Dataset {str(p)!r} line {lineno}: id {ex_id!r} appears twice.")
+            raise DataError(f"Dataset {str(p)!r} line {lineno}: id {ex_id[:80]!r} appears twice.")
         seen.add(ex_id)
         examples.append(Example(id=ex_id, prompt=prompt, context=ctx))
     if not examples:
