@@ -20,8 +20,13 @@ def evaluate_model(
     seed: int = 1234,
     config: str | Path | None = None,
     overrides: list[str] | None = None,
+    records_path: str | Path | None = None,
 ) -> EvalResult:
-    """Load ``model`` and score it on ``task``'s ``split`` (``opcd eval``)."""
+    """Load ``model`` and score it on ``task``'s ``split`` (``opcd eval``).
+
+    ``records_path``: a JSONL file the records are appended to batch by batch; running the
+    same evaluation again skips the items already there (``opcd eval --output-jsonl``).
+    """
     from opcd.models import load_model
     from opcd.tasks import build_task
 
@@ -35,5 +40,6 @@ def evaluate_model(
     return evaluate(
         m, tok, task_obj, split=split, with_context=with_context, size=size,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        batch_size=cfg.rollout.batch_size,
+        batch_size=cfg.rollout.batch_size, records_path=records_path,
+        records_meta={"model": str(model)} if records_path is not None else None,
     )

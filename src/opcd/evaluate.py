@@ -1,14 +1,23 @@
 """Evaluation: score a model's responses on a task split, with or without the context.
 
-Responses are sampled in batches with a fixed seed inside a forked RNG (evaluating in the
-middle of training never changes the training run's random stream). The result is the
+Responses are sampled in batches inside a forked RNG (evaluating in the middle of training
+never changes the training run's random stream); batch ``b`` is seeded from ``seed`` and
+``b``, so each batch's responses do not depend on the batches before it. The result is the
 mean score with its standard error and every response, so runs can be compared and read.
+
+With ``records_path`` an evaluation is resumable: each finished batch's records are
+appended to that JSONL file (flushed and fsynced); run again with the same settings, the
+items already there are read back and only the missing batches are generated, giving the
+same records as an uninterrupted evaluation.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opcd import rollout
 from opcd.chat import encode_chat, student_messages, teacher_messages
+from opcd.errors import ConfigError, RunFolderError
 from opcd.tasks.base import Task
 
 
@@ -31,6 +41,8 @@ class EvalResult:
     stderr: float
     n: int
     records: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int = 0
+    """How many records were read back from ``records_path`` instead of generated."""
 
     def summary(self) -> str:
         where = "with context" if self.with_context else "without context"
@@ -52,6 +64,99 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of evaluation batch ``batch`` (batch 0 uses ``seed`` itself)."""
+    return (seed * 1_000_003 + batch) % (1 << 63)
+
+
+class RecordsFile:
+    """The JSONL of a resumable evaluation: a header line with the settings, then records."""
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.settings = settings
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Records already written (by id); writes the header into a new file.
+
+        A file written with other settings is refused (its records would not be the ones
+        these settings give); a line torn by a crash is dropped.
+        """
+        from opcd import checkpoint as ckpt
+
+        header = {"opcd_eval": 1, "settings": self.settings}
+        try:
+            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"Eval records file {str(self.path)!r} cannot be read ({e}).") from None
+        lines = [x for x in text.split("\n") if x.strip()]
+        parsed: list[tuple[str, Any]] = []
+        for line in lines:
+            try:
+                parsed.append((line, json.loads(line)))
+            except ValueError:
+                continue  # torn by a crash
+        if not parsed:
+            self._write(lambda: ckpt.atomic_write_text(self.path, json.dumps(header) + "\n"))
+            return {}
+        first = parsed[0][1]
+        if not isinstance(first, dict) or first.get("opcd_eval") != 1:
+            raise ConfigError(
+                f"{str(self.path)!r} is not an opcd eval records file (no header line). Pass "
+                "another path, or delete the file."
+            )
+        if first.get("settings") != self.settings:
+            old = first.get("settings") if isinstance(first.get("settings"), dict) else {}
+            diff = sorted(k for k in self.settings if old.get(k) != self.settings[k])
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.settings[k]!r}" for k in diff[:5])
+            raise ConfigError(
+                f"Eval records file {str(self.path)!r} was written by an evaluation with other "
+                f"settings ({shown}). Use the same settings, another path, or delete the file."
+            )
+        done: dict[str, dict[str, Any]] = {}
+        kept = [parsed[0][0]]
+        for line, rec in parsed[1:]:
+            if _valid_record(rec) and rec["id"] not in done:
+                done[rec["id"]] = rec
+                kept.append(line)
+        if len(kept) != len(lines) or not text.endswith("\n"):
+            # drop torn or foreign lines, so that appends start on a fresh line
+            self._write(lambda: ckpt.atomic_write_text(self.path, "".join(x + "\n" for x in kept)))
+        return done
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append one batch's records in a single write, flushed and fsynced."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+        def write() -> None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._write(write)
+
+    def _write(self, fn: Any) -> None:
+        from opcd import checkpoint as ckpt
+
+        try:
+            fn()
+        except OSError as e:
+            raise RunFolderError(
+                f"Could not write the eval records file {str(self.path)!r}: "
+                f"{ckpt.os_error_text(e)}. Free disk space or choose another path; the records "
+                "already written are kept and a new run with the same settings continues them."
+            ) from None
+
+
+def _valid_record(rec: Any) -> bool:
+    return (
+        isinstance(rec, dict) and isinstance(rec.get("id"), str)
+        and isinstance(rec.get("response"), str) and isinstance(rec.get("batch"), int)
+        and isinstance(rec.get("score"), (int, float)) and not isinstance(rec.get("score"), bool)
+    )
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -64,24 +169,58 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 1234,
     batch_size: int = 16,
+    records_path: str | Path | None = None,
+    records_meta: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Sample one response per example of ``split`` (the first ``size``) and score it."""
+    """Sample one response per example of ``split`` (the first ``size``) and score it.
+
+    ``records_path``: a JSONL file that makes the evaluation resumable (see the module
+    docstring); ``records_meta`` adds identifying settings (such as the model) to its header.
+    """
     examples = task.examples(split)
     if size is not None:
         examples = examples[:size]
     build = (lambda ex: teacher_messages(task, ex)) if with_context else student_messages
     prompts = [encode_chat(tokenizer, build(ex)) for ex in examples]
+    store = None
+    done: dict[str, dict[str, Any]] = {}
+    if records_path is not None:
+        settings = {
+            "task": task.name, "split": split, "with_context": with_context,
+            "size": len(examples), "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "seed": seed, "batch_size": batch_size,
+            **(records_meta or {}),
+        }
+        store = RecordsFile(records_path, settings)
+        done = store.load()
+    results: dict[str, dict[str, Any]] = {}
+    resumed = 0
     with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
-        torch.manual_seed(seed)
-        out = rollout.sample(
-            model, tokenizer, prompts, n=1, temperature=temperature, top_p=1.0,
-            max_new_tokens=max_new_tokens, batch_size=batch_size,
-        )
-    records = []
-    scores = []
-    for i, text in zip(out.prompt_index, out.texts, strict=True):
-        s = float(task.score(examples[i], text))
-        scores.append(s)
-        records.append({"id": examples[i].id, "prompt": examples[i].prompt, "response": text, "score": s})
+        for b, start in enumerate(range(0, len(examples), batch_size)):
+            batch = examples[start : start + batch_size]
+            if all(ex.id in done for ex in batch):
+                results.update({ex.id: done[ex.id] for ex in batch})
+                resumed += len(batch)
+                continue
+            torch.manual_seed(batch_seed(seed, b))
+            out = rollout.sample(
+                model, tokenizer, prompts[start : start + batch_size], n=1,
+                temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            new = []
+            for i, text in zip(out.prompt_index, out.texts, strict=True):
+                ex = batch[i]
+                s = float(task.score(ex, text))
+                new.append({"id": ex.id, "prompt": ex.prompt, "response": text, "score": s,
+                            "batch": b})
+            if store is not None:
+                store.append([r for r in new if r["id"] not in done])
+            results.update({r["id"]: r for r in new})
+    records = [
+        {k: results[ex.id][k] for k in ("id", "prompt", "response", "score") if k in results[ex.id]}
+        for ex in examples
+    ]
+    scores = [float(r["score"]) for r in records]
     mean, se = mean_stderr(scores)
-    return EvalResult(task.name, split, with_context, mean, se, len(scores), records)
+    return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed)
