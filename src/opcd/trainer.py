@@ -623,7 +623,7 @@ def _run(
         if on_eval:
             on_eval(step, res)
 
-    if start == 0:
+    if start == 0 and stop.signum is None:  # (a signal while loading: stop before evaluating)
         if cfg.eval.with_context:
             res = trainer.evaluate(with_context=True)
             log.write({"type": "eval", "step": 0, "score": res.score, "stderr": res.stderr,
