@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + dotted ``key=value`` overrides, validated.
 
 A run is described by one :class:`Config` (sections ``task``, ``teacher``, ``rollout``,
-``loss``, ``train``, ``lora``, ``eval``, ``run``). ``load_config(path, overrides)`` reads
+``loss``, ``train``, ``lora``, ``eval``, ``run``, ``perf``). ``load_config(path, overrides)`` reads
 a YAML file, applies command-line overrides such as ``train.lr=1e-5`` or
 ``teacher.mode=frozen`` (values are parsed as YAML scalars), and checks every key and
 value. Unknown keys list the valid ones and suggest the closest; wrong types and values
@@ -156,6 +156,25 @@ class RunConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed and memory switches; both off is the naive computation (for comparisons)."""
+
+    prefix_cache: bool = True
+    """Teacher: run each shared context prefix once and score every response against its
+    keys/values (kept across steps while the teacher's weights do not change)."""
+    chunked_loss: bool = True
+    """Loss: project hidden states to logits chunk by chunk (never whole-batch [tokens, vocab])."""
+    loss_chunk_tokens: int = 256
+    """Tokens per loss chunk (peak extra memory is about 8 x tokens x vocab x 4 bytes)."""
+    teacher_batch_size: int = 8
+    """Rows per teacher forward."""
+    prefix_block_tokens: int = 64
+    """Cached prefixes are cut at multiples of this many tokens (reproducible reuse)."""
+    prefix_cache_tokens: int = 16384
+    """Most prefix tokens whose keys/values are kept (least recently used dropped)."""
+
+
+@dataclass
 class Config:
     """A whole OPCD run."""
 
@@ -170,6 +189,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,9 +201,11 @@ _POSITIVE = {
     "rollout.temperature", "rollout.top_p", "loss.top_k", "train.steps", "train.batch_size",
     "train.micro_batch_size", "train.lr", "train.max_grad_norm", "lora.r", "lora.alpha",
     "eval.size", "eval.max_new_tokens", "run.keep_last", "train.max_consecutive_skips",
+    "perf.loss_chunk_tokens", "perf.teacher_batch_size", "perf.prefix_block_tokens",
 }
 _NON_NEGATIVE = {
     "train.weight_decay", "lora.dropout", "eval.every", "eval.temperature", "run.save_every",
+    "perf.prefix_cache_tokens",
 }
 
 

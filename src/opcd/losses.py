@@ -68,7 +68,9 @@ Invalid arguments raise :class:`ValueError` with a message naming the allowed va
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,11 +80,13 @@ __all__ = [
     "OBJECTIVES",
     "SLOT_SOURCES",
     "TokenLoss",
+    "chunked_distill_loss",
     "distill_token_loss",
     "forward_kl_slots",
     "jsd_slots",
     "reduce_token_loss",
     "reduction_totals",
+    "reduction_weights",
     "reverse_kl_slots",
     "sampled_token_loss",
     "select_slots",
@@ -491,3 +495,210 @@ def reduce_token_loss(
     if total_sequences is None:
         return per_sequence.sum() / (lengths > 0).sum().clamp_min(1).to(per_token.dtype)
     return per_sequence.sum() / total_sequences
+
+
+# --------------------------------------------------------------------------- memory-bounded
+
+
+def reduction_weights(
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    total_tokens: float | None = None,
+    total_sequences: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[B, R]`` weights ``w`` with ``(per_token * w).sum() == reduce_token_loss(per_token, mask, ...)``.
+
+    Zero where ``mask`` is 0. Lets a loss computed token by token (or chunk by chunk) be
+    reduced exactly like :func:`reduce_token_loss`, with the same arguments.
+    """
+    _check_choice("mode", mode, MODES)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape [B, R], got shape {tuple(mask.shape)}")
+    _check_total("total_tokens", total_tokens)
+    _check_total("total_sequences", total_sequences)
+    weights = mask.to(dtype)
+    if mode == "token_mean":
+        denom = weights.sum().clamp_min(1.0) if total_tokens is None else total_tokens
+        return weights / denom
+    lengths = weights.sum(dim=-1, keepdim=True)
+    if total_sequences is None:
+        n_seq = (lengths > 0).sum().clamp_min(1).to(weights.dtype)
+    else:
+        n_seq = torch.tensor(float(total_sequences), dtype=dtype, device=mask.device)
+    return weights / lengths.clamp_min(1.0) / n_seq
+
+
+TokenLossFn = Callable[[Tensor, Tensor, "Tensor | None"], TokenLoss]
+"""``(student_logits [n, V], teacher_logits [n, V], sampled [n] or None) -> TokenLoss``."""
+
+
+def _default_token_loss(**kwargs: object) -> TokenLossFn:
+    def fn(student_logits: Tensor, teacher_logits: Tensor, sampled: Tensor | None) -> TokenLoss:
+        return distill_token_loss(student_logits, teacher_logits, **kwargs)  # type: ignore[arg-type]
+
+    return fn
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _project(hidden: Tensor, head: Tensor | Callable[[Tensor], Tensor], bias: Tensor | None) -> Tensor:
+    if isinstance(head, Tensor):
+        return _upcast(torch.nn.functional.linear(hidden, head, bias))
+    return _upcast(head(hidden))
+
+
+def _cat_tokens(parts: list[TokenLoss], like: Tensor) -> TokenLoss:
+    if not parts:
+        empty = like.new_zeros((0,), dtype=torch.float32)
+        return TokenLoss(empty, empty, empty, empty, empty)
+    return TokenLoss(
+        *(torch.cat([getattr(p, f).detach() for p in parts]) for f in
+          ("loss", "kl", "student_topk_mass", "teacher_topk_mass", "student_entropy"))
+    )
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """``sum_t w_t * loss_t`` over chunks of tokens, the output head fused in.
+
+    Forward projects one chunk of hidden states at a time to logits, evaluates the token
+    loss, and immediately turns its gradient into gradients for the hidden states, the head
+    weight and bias (``dz @ W``, ``dz^T @ h``, ``sum dz``): no ``[tokens, V]`` tensor outlives
+    its chunk and nothing is recomputed. Backward scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor,
+        w_t: Tensor | Callable[[Tensor], Tensor], b_t: Tensor | None, weights: Tensor,
+        sampled: Tensor | None, fn: TokenLossFn, chunk: int, parts: list[TokenLoss],
+    ) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h_s) if need_h else None
+        grad_w = torch.zeros_like(w_s) if need_w else None
+        grad_b = torch.zeros_like(b_s) if need_b and b_s is not None else None
+        total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        for s in range(0, h_s.shape[0], chunk):
+            e = min(s + chunk, h_s.shape[0])
+            hs = h_s[s:e]
+            with torch.no_grad():
+                z_t = _project(h_t[s:e], w_t, b_t)
+                z = _upcast(torch.nn.functional.linear(hs, w_s, b_s))
+            with torch.enable_grad():
+                z.requires_grad_(need_h or need_w or need_b)
+                tl = fn(z, z_t, None if sampled is None else sampled[s:e])
+                lc = (tl.loss * weights[s:e].to(tl.loss.dtype)).sum()
+                dz = torch.autograd.grad(lc, z)[0] if z.requires_grad else None
+            total += lc.detach().double()
+            parts.append(tl)
+            del z, z_t
+            if dz is None:
+                continue
+            dz = dz.to(hs.dtype)
+            if grad_h is not None:
+                grad_h[s:e] = dz @ w_s
+            if grad_w is not None:
+                grad_w.addmm_(dz.t(), hs)
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+            del dz, tl, lc
+        ctx.grads = (grad_h, grad_w, grad_b)
+        return total.to(torch.float64 if h_s.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        scaled = tuple(None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b))
+        return (*scaled, None, None, None, None, None, None, None, None)
+
+
+def chunked_distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor | Callable[[Tensor], Tensor],
+    teacher_hidden: Tensor,
+    teacher_head: Tensor | Callable[[Tensor], Tensor],
+    token_weights: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    sampled: Tensor | None = None,
+    token_loss: TokenLossFn | None = None,
+    chunk_size: int = 256,
+    objective: str = "reverse_kl",
+    k: int = 256,
+    temperature: float = 1.0,
+    renormalize: bool = False,
+    slot_source: str = "student",
+    beta: float = 0.5,
+) -> tuple[Tensor, TokenLoss]:
+    """Weighted sum of per-token losses, computed ``chunk_size`` tokens at a time.
+
+    Equal in value and gradients to projecting all hidden states to logits and calling
+    :func:`distill_token_loss` (or ``token_loss``) on them, then ``(loss * token_weights).sum()``
+    -- but only ``[chunk_size, V]`` logits exist at any time, for both models.
+
+    Args:
+        student_hidden: ``[N, H]`` final hidden states at the response positions; gradients
+            flow back into them (and into the head weight/bias when those require grad).
+        student_head: the output head's ``[V, H]`` weight, or any callable ``[n, H] -> [n, V]``
+            (e.g. a LoRA-wrapped head); with a callable, each chunk is recomputed in backward
+            (activation checkpointing) instead of fusing the gradient into the forward.
+        teacher_hidden, teacher_head: the same for the teacher (never differentiated).
+        token_weights: ``[N]`` reduction weights (see :func:`reduction_weights`).
+        sampled: ``[N]`` sampled token ids, passed to ``token_loss``.
+        token_loss: ``(student_logits, teacher_logits, sampled) -> TokenLoss`` for one chunk;
+            default :func:`distill_token_loss` with the keyword arguments below.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``(loss, tokens)``: the scalar weighted sum (differentiable) and the detached per-token
+        :class:`TokenLoss` of all ``N`` tokens.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    if student_hidden.dim() != 2 or teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must both be [N, H], got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if token_weights.shape != student_hidden.shape[:1]:
+        raise ValueError(f"token_weights must be [N] = {student_hidden.shape[0]}, got {tuple(token_weights.shape)}")
+    fn = token_loss or _default_token_loss(
+        objective=objective, k=k, temperature=temperature, renormalize=renormalize,
+        slot_source=slot_source, beta=beta,
+    )
+    teacher_hidden = teacher_hidden.detach()
+    parts: list[TokenLoss] = []
+    if isinstance(student_head, Tensor):
+        loss = _FusedHeadLoss.apply(
+            student_hidden, student_head, student_bias, teacher_hidden, teacher_head, teacher_bias,
+            token_weights.detach(), sampled, fn, chunk_size, parts,
+        )
+        return loss, _cat_tokens(parts, student_hidden)
+
+    from torch.utils.checkpoint import checkpoint
+
+    def one_chunk(hs: Tensor, ht: Tensor, w: Tensor, samp: Tensor | None) -> Tensor:
+        with torch.no_grad():
+            z_t = _project(ht, teacher_head, teacher_bias)
+        tl = fn(_project(hs, student_head, student_bias), z_t, samp)
+        if not parts_done[0]:
+            parts.append(tl)
+        return (tl.loss * w.to(tl.loss.dtype)).sum()
+
+    parts_done = [False]  # the recomputation in backward must not record metrics again
+    total = student_hidden.new_zeros((), dtype=_upcast(student_hidden).dtype)
+    for s in range(0, student_hidden.shape[0], chunk_size):
+        e = min(s + chunk_size, student_hidden.shape[0])
+        samp = None if sampled is None else sampled[s:e]
+        total = total + checkpoint(
+            one_chunk, student_hidden[s:e], teacher_hidden[s:e], token_weights[s:e].detach(), samp,
+            use_reentrant=False,
+        )
+    parts_done[0] = True
+    return total, _cat_tokens(parts, student_hidden)

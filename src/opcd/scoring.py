@@ -10,10 +10,13 @@ aligned token by token across models whatever the prefix lengths and padding sid
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 @dataclass
@@ -95,3 +98,332 @@ def response_logits(model: nn.Module, batch: PackedBatch) -> Tensor:
     """Logits ``[B, R, V]`` predicting each response token (fp32)."""
     _, head = _decoder_and_head(model)
     return head(response_hidden(model, batch)).float()
+
+
+# --------------------------------------------------------------------------- prefix reuse
+#
+# The teacher reads ``context + prompt + response`` for every sampled response. Rows that
+# share a context share a long token prefix (chat-template head + context, often more), and
+# the attention of a causal decoder makes the keys/values of those positions independent of
+# what follows. So the prefix is run once (batch 1), its per-layer keys/values are kept, and
+# each row only runs its own suffix (the rest of its prompt + the response) against them.
+#
+# Layout of one suffix micro-batch (right padding, so the real tokens of every row sit at the
+# positions a full forward would give them)::
+#
+#     keys:     [ shared prefix, P tokens (one copy, broadcast) | row suffix ... pad pad ]
+#     queries:                                                  [ row suffix ... pad pad ]
+#     position_ids = P + 0, 1, 2, ...      attention_mask = ones(P) ++ suffix mask
+#
+# Padding sits after each row's real tokens: those keys are masked and those queries are
+# never read, so no real position changes.
+#
+# Which prefix is cached, and reproducibility: a group's shared prefix (the longest common
+# token prefix of its teacher prompts, which is robust to how the context and the prompt
+# tokenise at their boundary) is cut at a multiple of ``block`` tokens. That block-aligned
+# part is computed in one pass and stored under its exact tokens; the few tokens between
+# it and the group's shared length are run once per group (batch 1) on top of it. A stored
+# prefix is therefore bitwise what a fresh computation gives, whatever happened before, so
+# results do not depend on the cache's history (a resumed run equals an uninterrupted one).
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class PrefixGroup:
+    """Rows whose prompts share their first ``shared`` tokens (``shared`` may be 0)."""
+
+    rows: list[int]
+    shared: int
+
+
+def group_by_prefix(
+    prompts: list[list[int]], *, group_cost: int = 32, min_shared: int = 16
+) -> list[PrefixGroup]:
+    """Partition rows into groups that share a prompt prefix, minimising tokens computed.
+
+    Rows are sorted by their tokens, so rows with long common prefixes are neighbours; a
+    dynamic programme over contiguous runs of that order chooses the groups minimising
+    ``sum_g [shared_g + sum_{i in g} (len_i - shared_g) + group_cost]``. A group's shared
+    length is capped at its shortest prompt minus one (every row keeps at least one prompt
+    token in its suffix: that position predicts the first response token); below
+    ``min_shared`` tokens it is set to 0 (plain batched forward). Deterministic.
+    """
+    n = len(prompts)
+    if n == 0:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("every row needs a non-empty prompt")
+    order = sorted(range(n), key=lambda i: prompts[i])
+    adj = [common_prefix_len(prompts[order[k]], prompts[order[k + 1]]) for k in range(n - 1)]
+    lens = [len(prompts[i]) for i in order]
+    inf = float("inf")
+    best = [0.0] + [inf] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        shared = lens[j - 1] - 1
+        total = 0
+        for i in range(j - 1, -1, -1):  # group = sorted rows i .. j-1
+            total += lens[i]
+            shared = min(shared, lens[i] - 1)
+            if i < j - 1:
+                shared = min(shared, adj[i])
+            s = shared if shared >= min_shared else 0
+            m = j - i
+            cost = best[i] + s + (total - m * s) + group_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[PrefixGroup] = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        rows = order[i:j]
+        shared = min(lens[i:j]) - 1
+        for k in range(i, j - 1):
+            shared = min(shared, adj[k])
+        groups.append(PrefixGroup(rows=rows, shared=shared if shared >= min_shared else 0))
+        j = i
+    groups.reverse()
+    return groups
+
+
+KV = list[tuple[Tensor, Tensor]]  # per layer: keys, values [1, kv_heads, P, head_dim]
+
+
+class PrefixStore:
+    """Block-aligned prefixes' keys/values, by exact tokens, least recently used evicted.
+
+    ``fingerprint`` identifies the weights the entries were computed with; :meth:`check`
+    empties the store when it changes (a live teacher after an optimizer step).
+    """
+
+    def __init__(self, block: int = 64, max_tokens: int = 16384) -> None:
+        if block < 1 or max_tokens < 0:
+            raise ValueError("block must be >= 1 and max_tokens >= 0")
+        self.block = block
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self._tokens = 0
+        self.fingerprint: Any = None
+        self.hits = 0
+        self.misses = 0
+        self.computed_tokens = 0
+        self.reused_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._tokens = 0
+
+    def check(self, fingerprint: Any) -> None:
+        if fingerprint != self.fingerprint:
+            self.clear()
+            self.fingerprint = fingerprint
+
+    def get(self, tokens: tuple[int, ...]) -> KV | None:
+        kv = self._entries.get(tokens)
+        if kv is not None:
+            self._entries.move_to_end(tokens)
+        return kv
+
+    def put(self, tokens: tuple[int, ...], kv: KV) -> None:
+        if len(tokens) > self.max_tokens or tokens in self._entries:
+            return
+        self._entries[tokens] = kv
+        self._tokens += len(tokens)
+        while self._tokens > self.max_tokens:
+            old, _ = self._entries.popitem(last=False)
+            self._tokens -= len(old)
+
+
+class _SharedPrefixLayer(DynamicLayer):
+    """A cache layer holding one prefix (batch 1) that every row of a batch attends to.
+
+    ``update`` returns ``prefix (broadcast to the batch) ++ new`` and never modifies the
+    stored prefix, so the same object serves every micro-batch.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        b = key_states.shape[0]
+        keys = torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2)
+        return keys, values
+
+
+def prefix_cache_supported(model: nn.Module) -> bool:
+    """True when every layer of the model keeps a plain, full-attention key/value cache."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - any model without a standard cache: no reuse
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _kv_of(cache: Any) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _run_prefix(decoder: nn.Module, tokens: list[int], start: int, past: KV | None, device: Any) -> KV:
+    """Keys/values of ``past`` (covering positions < start) extended by ``tokens``."""
+    cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    pos = torch.arange(start, start + len(tokens), device=device).unsqueeze(0)
+    out = decoder(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    return _kv_of(out.past_key_values)
+
+
+def prefix_kv(
+    model: nn.Module, tokens: list[int], store: PrefixStore | None = None, block: int = 64
+) -> KV:
+    """Per-layer keys/values ``[1, kv_heads, len(tokens), head_dim]`` of ``tokens``.
+
+    The first ``block * (len // block)`` tokens come from ``store`` when it holds them
+    (else they are computed in one pass and stored); the rest is computed on top.
+    """
+    decoder, _ = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    if store is not None:
+        block = store.block
+    base = (len(tokens) // block) * block
+    kv: KV | None = None
+    if base:
+        key = tuple(tokens[:base])
+        kv = store.get(key) if store is not None else None
+        if kv is None:
+            kv = _run_prefix(decoder, tokens[:base], 0, None, device)
+            if store is not None:
+                store.misses += 1
+                store.computed_tokens += base
+                store.put(key, kv)
+        else:
+            store.hits += 1  # type: ignore[union-attr]
+            store.reused_tokens += base  # type: ignore[union-attr]
+    if base < len(tokens):
+        kv = _run_prefix(decoder, tokens[base:], base, kv, device)
+        if store is not None:
+            store.computed_tokens += len(tokens) - base
+    assert kv is not None
+    return kv
+
+
+def _suffix_hidden(
+    decoder: nn.Module,
+    prefix: KV | None,
+    shared: int,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    device: Any,
+) -> list[Tensor]:
+    """Final hidden states predicting each row's response tokens, given a shared prefix."""
+    suffixes = [p[shared:] + r for p, r in zip(prompts, responses, strict=True)]
+    B, Q = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.full((B, Q), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, shared + Q), dtype=torch.long)
+    mask[:, :shared] = 1
+    for b, s in enumerate(suffixes):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, shared : shared + len(s)] = 1
+    pos = (shared + torch.arange(Q)).unsqueeze(0).expand(B, -1)
+    kwargs: dict[str, Any] = {}
+    if prefix is not None:
+        kwargs["past_key_values"] = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in prefix])
+    out = decoder(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+        use_cache=prefix is not None, **kwargs,
+    )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    rows = []
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        first = len(p) - shared - 1  # the last prompt token predicts response token 0
+        rows.append(hidden[b, first : first + len(r)])
+    return rows
+
+
+def cached_response_hidden(
+    model: nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    *,
+    store: PrefixStore | None = None,
+    batch_size: int = 8,
+    block: int = 64,
+    min_shared: int = 16,
+) -> list[Tensor]:
+    """Per row, the final hidden states ``[len(response), H]`` predicting its response tokens.
+
+    Equal (up to float rounding) to :func:`response_hidden` on ``pack(prompts, responses)``,
+    but each group of rows sharing a prompt prefix runs that prefix once (see above). Models
+    whose cache is not a plain full-attention one fall back to that uncached computation.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    if not prefix_cache_supported(model):
+        return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
+    decoder, _ = _decoder_and_head(model)
+    out: list[Tensor | None] = [None] * len(prompts)
+    for group in group_by_prefix(prompts, min_shared=min_shared):
+        shared = group.shared
+        prefix = prefix_kv(model, prompts[group.rows[0]][:shared], store, block) if shared else None
+        rows = sorted(group.rows, key=lambda i: -(len(prompts[i]) + len(responses[i])))
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            hidden = _suffix_hidden(
+                decoder, prefix, shared, [prompts[i] for i in chunk],
+                [responses[i] for i in chunk], pad_id, device,
+            )
+            for i, h in zip(chunk, hidden, strict=True):
+                out[i] = h
+    return [h for h in out if h is not None]
+
+
+def uncached_response_hidden(
+    model: nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+) -> list[Tensor]:
+    """Per row hidden states as in :func:`cached_response_hidden`, every row in full."""
+    device = next(model.parameters()).device
+    rows: list[Tensor] = []
+    for s in range(0, len(prompts), batch_size):
+        batch = pack(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id, device=device)
+        hidden = response_hidden(model, batch)
+        for b, r in enumerate(responses[s : s + batch_size]):
+            rows.append(hidden[b, : len(r)])
+    return rows
+
+
+def linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` when ``head`` is a plain linear layer, else None."""
+    if type(head) is nn.Linear:
+        return head.weight, head.bias
+    return None

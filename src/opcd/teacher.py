@@ -10,18 +10,35 @@ Modes (``teacher.mode``):
 
 :meth:`Teacher.response_logits` returns ``[B, R, V]`` logits aligned position by position
 with the student's (see :mod:`opcd.scoring`).
+
+:meth:`Teacher.response_hidden` returns, per row, only the final hidden states
+``[len(response), H]`` (the loss projects them to logits chunk by chunk, see
+:func:`opcd.losses.chunked_distill_loss`) and runs each shared context prefix once: the
+teacher's prompts are grouped by their common token prefix, whose keys/values are kept in
+a :class:`~opcd.scoring.PrefixStore`. The store is tied to the teacher's weights: it lasts
+the whole run for a ``frozen`` or ``model`` teacher (under LoRA: the base weights, which
+never change), and is emptied whenever the weights change, i.e. once per step for a
+``live`` teacher (detected from the parameters' version counters, so it cannot go stale).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from opcd.scoring import PackedBatch, response_logits
+from opcd.scoring import (
+    PackedBatch,
+    PrefixStore,
+    cached_response_hidden,
+    linear_head,
+    response_logits,
+    uncached_response_hidden,
+)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -38,6 +55,7 @@ class Teacher:
         self.mode = mode
         self._student = student
         self._uses_adapter_off = False
+        self.store: PrefixStore | None = None
         if mode == "model":
             if model is None:
                 raise ValueError("teacher mode 'model' needs a teacher model")
@@ -73,6 +91,64 @@ class Teacher:
     def response_logits(self, batch: PackedBatch) -> Tensor:
         with self._scorer() as model:
             return response_logits(model, batch)
+
+    def _fingerprint(self, model: nn.Module) -> tuple[Any, ...]:
+        """Changes whenever a weight the teacher reads is modified or replaced."""
+        return tuple(
+            (p.data_ptr(), p._version)
+            for name, p in model.named_parameters()
+            if not (self._uses_adapter_off and "lora_" in name)
+        )
+
+    @torch.no_grad()
+    def response_hidden(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        pad_id: int,
+        *,
+        prefix_cache: bool = True,
+        batch_size: int = 8,
+        block: int = 64,
+        cache_tokens: int = 16384,
+        min_shared: int = 16,
+    ) -> list[Tensor]:
+        """Per row, the teacher's final hidden states predicting its response tokens.
+
+        ``prompts`` are the teacher prompts (context included). With ``prefix_cache`` each
+        group of rows sharing a prompt prefix runs it once, and block-aligned prefixes are
+        kept across calls while the weights stay the same; without, every row runs in full.
+        """
+        with self._scorer() as model:
+            if not prefix_cache:
+                return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
+            if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
+                self.store = PrefixStore(block=block, max_tokens=cache_tokens)
+            self.store.check(self._fingerprint(model))
+            return cached_response_hidden(
+                model, prompts, responses, pad_id, store=self.store, batch_size=batch_size,
+                block=block, min_shared=min_shared,
+            )
+
+    def head(self) -> tuple[Tensor | Callable[[Tensor], Tensor], Tensor | None]:
+        """The teacher's output head: ``(weight, bias)``, or ``(callable, None)`` when the head
+        is not a plain linear layer (e.g. LoRA on the head of a live teacher)."""
+        with self._scorer() as model:
+            module = model.get_output_embeddings()
+            if module is None:
+                raise TypeError(f"{type(model).__name__} has no output head")
+            if self._uses_adapter_off and hasattr(module, "base_layer"):
+                module = module.base_layer  # adapter off: the base head alone
+            plain = linear_head(module)
+        if plain is not None:
+            return plain[0].detach(), None if plain[1] is None else plain[1].detach()
+        return self.logits_from_hidden, None
+
+    @torch.no_grad()
+    def logits_from_hidden(self, hidden: Tensor) -> Tensor:
+        """The teacher's logits (fp32) from hidden states of :meth:`response_hidden`."""
+        with self._scorer() as model:
+            return model.get_output_embeddings()(hidden).float()
 
     @property
     def separate_model(self) -> nn.Module | None:

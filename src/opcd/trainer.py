@@ -47,7 +47,7 @@ from opcd.errors import (
     TrainingInterrupted,
 )
 from opcd.evaluate import EvalResult, evaluate
-from opcd.scoring import pack, response_logits
+from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.tasks import Task, build_task
 from opcd.teacher import Teacher
 
@@ -340,23 +340,60 @@ class Trainer:
             sl = slice(start, start + mb)
             resp = responses[sl]
             prompt_of = roll.prompt_index[sl]
-            tb = pack([pairs[i].teacher_ids for i in prompt_of], resp, self.pad_id, device=self.device)
+            perf = cfg.perf
+            if start == 0 and (perf.prefix_cache or perf.chunked_loss):
+                # The teacher reads the whole step's rows at once, each shared context prefix
+                # once (perf.prefix_cache); it returns hidden states, not [B, R, V] logits.
+                tt = time.perf_counter()
+                t_rows = self.teacher.response_hidden(
+                    [pairs[i].teacher_ids for i in roll.prompt_index], responses, self.pad_id,
+                    prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
+                    block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens,
+                )
+                t_teacher += time.perf_counter() - tt
             sb = pack([pairs[i].student_ids for i in prompt_of], resp, self.pad_id, device=self.device)
-            tt = time.perf_counter()
-            teacher_logits = self.teacher.response_logits(tb)
-            t_teacher += time.perf_counter() - tt
-            student_logits = response_logits(self.student, sb)
             mask = sb.response_mask
-            s_flat, t_flat = student_logits[mask], teacher_logits[mask]
-            del teacher_logits
-            tl = self._token_loss(s_flat, t_flat, sb.response_ids[mask])
-            per_token = torch.zeros(mask.shape, dtype=tl.loss.dtype, device=mask.device)
-            per_token[mask] = tl.loss
-            loss = losses.reduce_token_loss(
-                per_token, mask, cfg.loss.reduction,
-                total_tokens=total_tokens, total_sequences=total_seqs,
-            )
-            loss.backward()
+            if perf.chunked_loss:
+                # Logits of both models exist only loss_chunk_tokens at a time.
+                s_head = self.student.get_output_embeddings()
+                s_lin = linear_head(s_head)
+                t_head, t_bias = self.teacher.head()
+                weights = losses.reduction_weights(
+                    mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs,
+                )
+                loss, tl = losses.chunked_distill_loss(
+                    response_hidden(self.student, sb)[mask], s_lin[0] if s_lin else s_head,
+                    torch.cat(t_rows[sl]).to(self.device), t_head, weights[mask],
+                    student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
+                    sampled=sb.response_ids[mask], token_loss=self._token_loss,
+                    chunk_size=perf.loss_chunk_tokens,
+                )
+                loss.backward()
+                student_logits = s_flat = t_flat = per_token = None
+            else:
+                tt = time.perf_counter()
+                if perf.prefix_cache:
+                    t_hidden = torch.zeros((*mask.shape, t_rows[0].shape[-1]),
+                                           dtype=t_rows[0].dtype, device=self.device)
+                    t_hidden[mask] = torch.cat(t_rows[sl]).to(self.device)
+                    teacher_logits = self.teacher.logits_from_hidden(t_hidden)
+                    del t_hidden
+                else:
+                    tb = pack([pairs[i].teacher_ids for i in prompt_of], resp, self.pad_id,
+                              device=self.device)
+                    teacher_logits = self.teacher.response_logits(tb)
+                t_teacher += time.perf_counter() - tt
+                student_logits = response_logits(self.student, sb)
+                s_flat, t_flat = student_logits[mask], teacher_logits[mask]
+                del teacher_logits
+                tl = self._token_loss(s_flat, t_flat, sb.response_ids[mask])
+                per_token = torch.zeros(mask.shape, dtype=tl.loss.dtype, device=mask.device)
+                per_token[mask] = tl.loss
+                loss = losses.reduce_token_loss(
+                    per_token, mask, cfg.loss.reduction,
+                    total_tokens=total_tokens, total_sequences=total_seqs,
+                )
+                loss.backward()
             sums["loss"] += float(loss.detach())
             sums["kl"] += float(tl.kl.sum())
             sums["entropy"] += float(tl.student_entropy.sum())
