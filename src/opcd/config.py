@@ -48,6 +48,14 @@ class TaskConfig:
     eval_fraction: float = 0.25
     """Share of the prompts held out for evaluation (split by ``seed``)."""
     seed: int = 0
+    families: list[str] | None = None
+    """Math tasks: the reasoning-gym generators to draw problems from (default: the task's)."""
+    train_size: int | None = None
+    """Generated / sampled tasks (math, games, safety): examples in ``train`` (None: default)."""
+    eval_size: int | None = None
+    """Examples in the ``eval`` (validation) split (None: the task's default)."""
+    test_size: int | None = None
+    """Examples in the ``test`` split (None: the task's default)."""
 
 
 @dataclass

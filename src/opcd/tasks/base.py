@@ -3,18 +3,32 @@
 A task provides examples (a user prompt, optionally a per-example context), the context
 the teacher sees and where it goes (the system message, or the user turn through a
 template), and a scorer for a response. Training reads the ``train`` split; evaluation
-reads ``eval`` (held out by seed). Every task family (system prompts, math, games, ...)
-implements :class:`Task`.
+reads ``eval`` (validation, held out by seed); tasks with a final held-out set also have
+``test``. A task names its splits in ``splits``; asking for one it lacks is a ConfigError
+that lists them. Every task family (system prompts, math, games, ...) implements
+:class:`Task`. Multi-turn tasks (text games) add an episode interface, see
+:mod:`opcd.tasks.episodes`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opcd.errors import ConfigError
+
 Placement = Literal["system", "user"]
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "test")
+"""Every split name a task may have; each task lists its own in :attr:`Task.splits`."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A 32-bit seed from ``parts`` (stable across processes, unlike ``hash``)."""
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big")
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,10 @@ class Task(ABC):
     name: str = "task"
     placement: Placement = "system"
     user_template: str = "{context}\n\n{prompt}"
+    splits: tuple[str, ...] = ("train", "eval")
+    """The splits this task has (a subset of :data:`SPLITS`)."""
+    multi_turn: bool = False
+    """True for tasks played as episodes (see :mod:`opcd.tasks.episodes`)."""
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:
@@ -48,3 +66,21 @@ class Task(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def check_split(self, split: str) -> None:
+        """Raise a ConfigError listing this task's splits if it has no ``split``."""
+        if split not in self.splits:
+            raise ConfigError(
+                f"Unknown split {split!r} for task {self.name!r}: its splits are "
+                f"{', '.join(self.splits)}."
+            )
+
+    def score_details(self, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, float]:
+        """Aggregate scores of ``responses`` (one per example): at least ``score`` and ``n``.
+
+        Tasks add their own figures (parse failures, per-class rates, ...).
+        """
+        if len(examples) != len(responses):
+            raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
+        scores = [float(self.score(ex, r)) for ex, r in zip(examples, responses, strict=True)]
+        return {"score": sum(scores) / len(scores) if scores else 0.0, "n": float(len(scores))}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from opcd.errors import ConfigError, DataError
-from opcd.tasks.base import SPLITS, Example, Placement, Task
+from opcd.tasks.base import Example, Placement, Task
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -175,8 +175,7 @@ class SystemPromptTask(Task):
         self._splits = split_examples(examples, eval_fraction, seed)
 
     def examples(self, split: str) -> list[Example]:
-        if split not in SPLITS:
-            raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+        self.check_split(split)
         return self._splits[split]
 
     def context(self, example: Example) -> str | None:
