@@ -5,22 +5,73 @@ Built-in tasks:
   scored by language identification.
 - ``system_prompt``: your own system prompt (``task.context``), prompts
   (``task.prompts``, JSONL) and scorer (``task.behaviour``).
+- ``math``: reasoning-gym problems (``task.families``), answers in ``\\boxed{}``; test =
+  held-out generator seeds. ``gsm8k``: the same train / eval, the GSM8K test set as test.
+- ``frozenlake``, ``sokoban``: multi-turn text games (see :mod:`opcd.tasks.games`).
+- ``safety``: judge requests harmful or not (AdvBench, HarmBench vs. benign requests).
+
+The generated tasks have splits ``train``, ``eval`` and ``test`` sized by
+``task.train_size`` / ``eval_size`` / ``test_size``; see docs/tasks.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 from opcd.config import TaskConfig
 from opcd.errors import ConfigError
-from opcd.tasks.base import Example, Task
+from opcd.tasks.base import SPLITS, Example, Task
 from opcd.tasks.system_prompt import DATA_DIR, FRENCH_SYSTEM_PROMPT, SystemPromptTask, load_prompts
 
-TASKS = ("french", "system_prompt")
+TASKS = ("french", "system_prompt", "math", "gsm8k", "frozenlake", "sokoban", "safety")
+
+_DEFAULT_TEMPLATE = next(
+    f.default for f in dataclasses.fields(TaskConfig) if f.name == "user_template"
+)
+
+
+def _split_sizes(cfg: TaskConfig) -> dict[str, int]:
+    """The ``task.<split>_size`` values that are set, checked positive."""
+    sizes = {}
+    for split in SPLITS:
+        n = getattr(cfg, f"{split}_size")
+        if n is not None:
+            if n < 1:
+                raise ConfigError(f"Config value task.{split}_size={n} must be at least 1.")
+            sizes[split] = n
+    return sizes
+
+
+def _check_unused(cfg: TaskConfig, *, families: bool = False) -> None:
+    """Refuse keys the built-in generated tasks do not read (rather than ignore them)."""
+    unused = [k for k in ("prompts", "behaviour") if getattr(cfg, k)]
+    if cfg.families is not None and not families:
+        unused.append("families")
+    if unused:
+        raise ConfigError(
+            f"task.name={cfg.name} does not use "
+            + ", ".join(f"task.{k}" for k in unused)
+            + "; remove it (task.families is for math and gsm8k; task.prompts and "
+            "task.behaviour are for system_prompt)."
+        )
+
+
+def _template(cfg: TaskConfig) -> str | None:
+    """The user template the config sets, or None to keep the task's own."""
+    return None if cfg.user_template == _DEFAULT_TEMPLATE else cfg.user_template
 
 
 def build_task(cfg: TaskConfig) -> Task:
     """Make the task a config names, with its overrides applied."""
+    if cfg.name in ("french", "system_prompt"):
+        extra = [k for k in ("families", "train_size", "eval_size", "test_size")
+                 if getattr(cfg, k) is not None]
+        if extra:
+            raise ConfigError(
+                f"task.name={cfg.name} does not use " + ", ".join(f"task.{k}" for k in extra)
+                + "; it splits task.prompts by task.eval_fraction into train and eval."
+            )
     if cfg.name == "french":
         return SystemPromptTask(
             "french",
@@ -47,6 +98,44 @@ def build_task(cfg: TaskConfig) -> Task:
             cfg.behaviour,
             eval_fraction=cfg.eval_fraction,
             seed=cfg.seed,
+            placement=cfg.placement or "system",
+            user_template=cfg.user_template,
+        )
+    if cfg.name in ("math", "gsm8k"):
+        from opcd.tasks.math_problems import DEFAULT_FAMILIES, MathTask
+
+        _check_unused(cfg, families=True)
+        return MathTask(
+            cfg.name,
+            families=cfg.families if cfg.families is not None else DEFAULT_FAMILIES,
+            sizes=_split_sizes(cfg),
+            seed=cfg.seed,
+            test_set="gsm8k" if cfg.name == "gsm8k" else "heldout",
+            context=cfg.context,
+            placement=cfg.placement or "user",
+            user_template=_template(cfg),
+        )
+    if cfg.name in ("frozenlake", "sokoban"):
+        from opcd.tasks.games import GameTask
+
+        _check_unused(cfg)
+        return GameTask(
+            cfg.name,
+            sizes=_split_sizes(cfg),
+            seed=cfg.seed,
+            context=cfg.context,
+            placement=cfg.placement or "user",
+            user_template=_template(cfg),
+        )
+    if cfg.name == "safety":
+        from opcd.tasks.safety import SafetyTask
+
+        _check_unused(cfg)
+        return SafetyTask(
+            "safety",
+            sizes=dict(_split_sizes(cfg)),
+            seed=cfg.seed,
+            context=cfg.context,
             placement=cfg.placement or "system",
             user_template=cfg.user_template,
         )
