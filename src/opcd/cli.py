@@ -5,6 +5,7 @@
     opcd demo [--run-dir DIR] [--steps N]
     opcd models                  list the embedded models and what is in the cache
     opcd models pull NAME        fetch, verify and prepare one
+    opcd bench [--model M --batch B --context C --prompt P --response R ...]
 
 Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
 ``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
@@ -75,6 +76,27 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from opcd.bench import BenchSpec, run
+
+    spec = BenchSpec(
+        model=args.model, batch=args.batch, context=args.context, prompt=args.prompt,
+        response=args.response, micro_batch=args.micro_batch, lora=args.lora, steps=args.steps,
+        top_k=args.top_k, seed=args.seed, phases=args.phases.split(","),
+        modes=args.modes.split(","), overrides=list(args.overrides),
+    )
+    flags = [f"--model {shlex.quote(spec.model)}", f"--batch {spec.batch}", f"--context {spec.context}",
+             f"--prompt {spec.prompt}", f"--response {spec.response}",
+             f"--micro-batch {spec.micro_batch}", f"--steps {spec.steps}", f"--top-k {spec.top_k}",
+             f"--phases {args.phases}", f"--modes {args.modes}"]
+    flags += ["--lora"] * spec.lora + ["--in-process"] * args.in_process
+    command = " ".join(["opcd bench", *flags, *(shlex.quote(o) for o in spec.overrides)])
+    run(spec, output=args.output or None, command=command, in_process=args.in_process)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opcd",
@@ -121,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?", default=None)
     m.add_argument("--force", action="store_true", help="fetch and convert again")
     m.set_defaults(func=_cmd_models)
+
+    b = sub.add_parser("bench", help="time, memory and MFU of each phase, fast vs naive")
+    b.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    b.add_argument("--batch", type=int, default=8, help="responses per step")
+    b.add_argument("--context", type=int, default=2048, help="context tokens")
+    b.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    b.add_argument("--response", type=int, default=256, help="response tokens (EOS suppressed)")
+    b.add_argument("--micro-batch", type=int, default=4)
+    b.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    b.add_argument("--steps", type=int, default=1, help="OPCD steps per step/update job")
+    b.add_argument("--top-k", type=int, default=256)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--phases", default="teacher,step", help="comma list of teacher, step, update")
+    b.add_argument("--modes", default="fast,naive", help="comma list of fast, naive")
+    b.add_argument("--output", default="benchmarks/results.md", help="append results here ('' = no file)")
+    b.add_argument("--in-process", action="store_true",
+                   help="run every job in this process (faster; peak memory is then shared)")
+    b.add_argument("overrides", nargs="*", help="config overrides for step/update, e.g. train.gradient_checkpointing=true")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

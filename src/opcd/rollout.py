@@ -59,8 +59,13 @@ def sample(
     top_p: float = 1.0,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    ignore_eos: bool = False,
 ) -> Rollout:
-    """Sample ``n`` responses per prompt; ``temperature == 0`` means greedy."""
+    """Sample ``n`` responses per prompt; ``temperature == 0`` means greedy.
+
+    ``ignore_eos`` forbids end-of-sequence tokens so every response has exactly
+    ``max_new_tokens`` tokens (benchmarks use it for fixed-size steps).
+    """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = eos_ids(model, tokenizer)
@@ -82,6 +87,8 @@ def sample(
                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop,
                 use_cache=True,
             )
+            if ignore_eos:
+                kwargs["min_new_tokens"] = max_new_tokens
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:
