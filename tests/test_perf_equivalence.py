@@ -372,3 +372,34 @@ def test_trainer_step_fast_equals_naive(tiny_model_dir: Path, tmp_path: Path, se
             assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
         for k in naive_p:
             assert float((p[k] - naive_p[k]).abs().max()) < 1e-4, (name, k)
+
+
+# ---------------------------------------------------------------------------- rollout
+def test_decode_loop_equals_generate_greedy_with_early_stops(tiny) -> None:
+    """The sampling loop (finished rows leave the batch) equals model.generate."""
+    from opcd import rollout
+
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    prompts = [_rand(g, n) for n in (5, 9, 3, 12, 7)]
+    free = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=12, engine="generate")
+    # make tokens the rows really produce end-of-sequence tokens, at different steps
+    stops = sorted({free.response_ids[0][2], free.response_ids[3][6]})
+    model.generation_config.eos_token_id = stops
+    want = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=12, engine="generate")
+    got = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=12, engine="loop")
+    assert got.response_ids == want.response_ids and got.truncated == want.truncated
+    assert len({len(r) for r in got.response_ids}) > 1  # rows did stop early
+    fixed = rollout.sample(model, tok, prompts, max_new_tokens=9, ignore_eos=True)
+    assert all(len(r) == 9 and not set(r) & set(stops) for r in fixed.response_ids)
+
+
+def test_top_p_filter_matches_transformers() -> None:
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from opcd.rollout import _top_p_filter
+
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for p in (0.1, 0.5, 0.9, 0.999):
+        want = TopPLogitsWarper(top_p=p)(None, scores.clone())
+        assert torch.equal(_top_p_filter(scores.clone(), p), want)

@@ -1,19 +1,24 @@
 """Student rollout: sample responses to prompts without the context.
 
-Prompts are left-padded and generated in batches with the KV cache (``model.generate``);
-generation stops per row at an end-of-sequence token. A response keeps every generated
-token up to and including the first EOS (the EOS is a sampled token and is trained);
-rows that hit ``max_new_tokens`` are marked truncated. Sampling uses torch's global RNG,
+Prompts are left-padded and generated in batches with the KV cache (:func:`decode`: the
+prompt is read once, finished rows leave the batch; ``model.generate`` for models whose
+cache is not a plain one); generation stops per row at an end-of-sequence token. A
+response keeps every generated token up to and including the first EOS (the EOS is a
+sampled token and is trained); rows that hit ``max_new_tokens`` are marked truncated. Sampling uses torch's global RNG,
 which the trainer seeds and checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+from opcd.scoring import prefix_cache_supported
 
 
 @dataclass
@@ -48,6 +53,83 @@ def cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
     return tokens, False
 
 
+def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (at least one)."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -1:] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, -math.inf)
+
+
+def pick_tokens(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Next tokens ``[b]`` from logits ``[b, V]``: greedy at ``temperature == 0``, else
+    sampled from ``softmax(logits / T)`` restricted to the top-p set (torch's global RNG)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: list[int] | None = None,
+    ignore_eos: bool = False,
+) -> list[list[int]]:
+    """Sample continuations of left-padded prompts with the key/value cache.
+
+    The prompts are read once (prefill, the output head applied only at the last
+    position); then one token per live row and step. A row stops at its first ``stop``
+    token (kept), and finished rows leave the batch, so late steps only pay for the rows
+    still generating. Returns the new tokens of every row.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    stop_t = torch.tensor(sorted(set(stop or [])), dtype=torch.long, device=input_ids.device)
+    cache = DynamicCache(config=model.config)
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                  past_key_values=cache, use_cache=True)
+    hidden = out.last_hidden_state[:, -1]
+    next_pos = positions[:, -1] + 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for step in range(max_new_tokens):
+        logits = head(hidden)
+        if ignore_eos and stop_t.numel():
+            logits[:, stop_t] = -math.inf
+        tokens = pick_tokens(logits, temperature, top_p)
+        for r, t in zip(rows.tolist(), tokens.tolist(), strict=True):
+            new[r].append(t)
+        if step == max_new_tokens - 1:
+            break
+        if not ignore_eos and stop_t.numel():
+            live = ~torch.isin(tokens, stop_t)
+            if not bool(live.all()):
+                if not bool(live.any()):
+                    break
+                keep = live.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, tokens, mask, next_pos = rows[keep], tokens[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                      past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return new
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -60,12 +142,17 @@ def sample(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     ignore_eos: bool = False,
+    engine: str = "auto",
 ) -> Rollout:
     """Sample ``n`` responses per prompt; ``temperature == 0`` means greedy.
 
     ``ignore_eos`` forbids end-of-sequence tokens so every response has exactly
-    ``max_new_tokens`` tokens (benchmarks use it for fixed-size steps).
+    ``max_new_tokens`` tokens (benchmarks use it for fixed-size steps). ``engine``:
+    ``loop`` (:func:`decode`), ``generate`` (``model.generate``) or ``auto`` (``loop``
+    for models with a plain key/value cache, else ``generate``).
     """
+    if engine not in ("auto", "loop", "generate"):
+        raise ValueError(f"engine must be auto, loop or generate, got {engine!r}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = eos_ids(model, tokenizer)
@@ -83,18 +170,24 @@ def sample(
             for b, (_, p) in enumerate(chunk):
                 ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
                 mask[b, L - len(p) :] = 1
-            kwargs = dict(
-                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop,
-                use_cache=True,
-            )
-            if ignore_eos:
-                kwargs["min_new_tokens"] = max_new_tokens
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if engine == "loop" or (engine == "auto" and prefix_cache_supported(model)):
+                new = decode(
+                    model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, stop=stop, ignore_eos=ignore_eos,
+                )
             else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = gen[:, L:].tolist()
+                kwargs = dict(
+                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop,
+                    use_cache=True,
+                )
+                if ignore_eos:
+                    kwargs["min_new_tokens"] = max_new_tokens
+                if temperature > 0:
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = gen[:, L:].tolist()
             for (i, _), toks in zip(chunk, new, strict=True):
                 resp, ended = cut_at_eos(toks, stop_set)
                 out.prompt_index.append(i)
