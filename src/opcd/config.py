@@ -1,11 +1,11 @@
 """Typed run configuration: YAML file + dotted ``key=value`` overrides, validated.
 
 A run is described by one :class:`Config` (sections ``task``, ``teacher``, ``rollout``,
-``loss``, ``train``, ``lora``, ``eval``, ``run``, ``perf``). ``load_config(path, overrides)`` reads
-a YAML file, applies command-line overrides such as ``train.lr=1e-5`` or
-``teacher.mode=frozen`` (values are parsed as YAML scalars), and checks every key and
-value. Unknown keys list the valid ones and suggest the closest; wrong types and values
-out of range name the field and what it accepts. Errors are :class:`ConfigError`.
+``loss``, ``train``, ``lora``, ``eval``, ``run``, ``perf``, and ``ovd`` for ``method: ovd``).
+``load_config(path, overrides)`` reads a YAML file, applies command-line overrides such as
+``train.lr=1e-5`` or ``teacher.mode=frozen`` (values are parsed as YAML scalars), and checks
+every key and value. Unknown keys list the valid ones and suggest the closest; wrong types
+and values out of range name the field and what it accepts. Errors are :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ TeacherMode = Literal["frozen", "model", "live"]
 Objective = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
 Reduction = Literal["token_mean", "seq_mean"]
 ContextPlacement = Literal["system", "user"]
+Method = Literal["opcd", "ovd"]
+ScoreMode = Literal["generate", "expected"]
+Replace = Literal["whole", "suffix"]
 
 
 @dataclass
@@ -183,12 +186,49 @@ class PerfConfig:
 
 
 @dataclass
+class OvdConfig:
+    """On-policy Verbal Distillation (``method: ovd``, see :mod:`opcd.ovd`).
+
+    The student samples ``rollout.n`` (>= 2) responses per prompt; the teacher rates each
+    0-9 in words; responses rated below ``threshold`` are replaced by teacher text; the
+    student is updated by a clipped policy gradient with group-normalised advantages.
+    """
+
+    score_prompt: str | None = None
+    """The teacher's scoring request, with ``{problem}``, ``{response}`` and optionally
+    ``{context}`` (None: the built-in prompt, see :data:`opcd.ovd.SCORE_PROMPT`)."""
+    score_mode: ScoreMode = "expected"
+    """expected: the teacher's next-token probabilities over the digits 0-9 (one forward
+    pass, sum of d * p(d)); generate: the teacher writes a short answer, the score is parsed."""
+    score_max_new_tokens: int = 8
+    """Tokens the teacher may write for its score (score_mode: generate; greedy)."""
+    teacher_context: bool = True
+    """The teacher sees the task's context c when scoring and when writing replacements."""
+    threshold: float = 5.0
+    """Responses whose verbal score is below this (0-9) are replaced (0: never)."""
+    replace: Replace = "whole"
+    """whole: the teacher answers the prompt itself; suffix: the student's first half (cut at
+    a line or sentence end) is kept and the teacher continues it."""
+    teacher_max_new_tokens: int | None = None
+    """Longest teacher replacement, in teacher tokens (None: rollout.max_new_tokens)."""
+    teacher_temperature: float | None = None
+    """Sampling temperature of teacher replacements (None: rollout.temperature; 0: greedy)."""
+    reward_weight: float | None = None
+    """Reward = w * outcome + (1 - w) * verbal / 9. None: 1 for tasks with an outcome reward
+    (math, gsm8k, games, safety), 0 (the verbal score alone) for the others."""
+    clip_eps: float = 0.2
+    """PPO clip range of the importance ratio."""
+
+
+@dataclass
 class Config:
-    """A whole OPCD run."""
+    """A whole OPCD (or OVD) run."""
 
     model: str = "qwen2.5-coder-0.5b-instruct"
     """The student: a registry name, a local HF directory, a GGUF file or a hub id."""
-    method: Literal["opcd"] = "opcd"
+    method: Method = "opcd"
+    """opcd: on-policy context distillation (teacher log-probs); ovd: on-policy verbal
+    distillation (teacher 0-9 scores, any teacher tokenizer; the ``ovd`` section)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -198,6 +238,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    ovd: OvdConfig = field(default_factory=OvdConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,6 +251,7 @@ _POSITIVE = {
     "train.micro_batch_size", "train.lr", "train.max_grad_norm", "lora.r", "lora.alpha",
     "eval.size", "eval.max_new_tokens", "run.keep_last", "train.max_consecutive_skips",
     "perf.loss_chunk_tokens", "perf.teacher_batch_size", "perf.prefix_block_tokens",
+    "ovd.score_max_new_tokens", "ovd.clip_eps",
 }
 _NON_NEGATIVE = {
     "train.weight_decay", "lora.dropout", "eval.every", "eval.temperature", "run.save_every",
@@ -382,6 +424,42 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(
             f"task.user_template={cfg.task.user_template!r} must contain both {{context}} and {{prompt}}."
         )
+    _check_ovd(cfg)
+
+
+def _check_ovd(cfg: Config) -> None:
+    """The ``ovd`` section's ranges, and a group of responses per prompt for ``method: ovd``."""
+    o = cfg.ovd
+    if cfg.method == "ovd" and cfg.rollout.n < 2:
+        raise ConfigError(
+            f"method=ovd needs a group of responses per prompt: rollout.n={cfg.rollout.n} must be "
+            "at least 2 (advantages are normalised within each prompt's group), e.g. rollout.n=4."
+        )
+    if not 0 <= o.threshold <= 9:
+        raise ConfigError(
+            f"Config value ovd.threshold={o.threshold} must be between 0 and 9 (the verbal score "
+            "scale; responses scored below it are replaced, 0 turns replacement off)."
+        )
+    if not o.clip_eps < 1:
+        raise ConfigError(f"Config value ovd.clip_eps={o.clip_eps} must be in (0, 1).")
+    if o.reward_weight is not None and not 0 <= o.reward_weight <= 1:
+        raise ConfigError(
+            f"Config value ovd.reward_weight={o.reward_weight} must be between 0 and 1 "
+            "(the outcome reward's share; the verbal score gets the rest)."
+        )
+    for key in ("teacher_max_new_tokens",):
+        value = getattr(o, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"Config value ovd.{key}={value} must be greater than 0.")
+    if o.teacher_temperature is not None and o.teacher_temperature < 0:
+        raise ConfigError(f"Config value ovd.teacher_temperature={o.teacher_temperature} must be 0 or more.")
+    if o.score_prompt is not None:
+        missing = [p for p in ("{problem}", "{response}") if p not in o.score_prompt]
+        if missing:
+            raise ConfigError(
+                f"ovd.score_prompt must contain {' and '.join(missing)} (placeholders: {{problem}}, "
+                "{response}, optionally {context}); the teacher cannot rate what it is not shown."
+            )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -264,11 +264,23 @@ class TrainResult:
 
 
 class Trainer:
-    """Holds the student, the teacher, the task and the optimiser for one run."""
+    """Holds the student, the teacher, the task and the optimiser for one run.
+
+    The OPCD step. Other methods are subclasses with their own :meth:`train_step` (and
+    teacher), sharing the loop, logging, checkpoints and resume: see :func:`build_trainer`.
+    """
+
+    method = "opcd"
+    """The ``cfg.method`` this class runs."""
 
     def __init__(self, cfg: Config, *, progress: bool = True) -> None:
         from opcd.models import check_tokenizers_compatible, load_model
 
+        if cfg.method != self.method:
+            raise ConfigError(
+                f"{type(self).__name__} runs method={self.method}, not method={cfg.method}; "
+                "make the trainer with opcd.trainer.build_trainer(cfg)."
+            )
         self.cfg = cfg
         self.progress = progress
         self.device = _device()
@@ -282,15 +294,16 @@ class Trainer:
         self.max_prompt_tokens = cfg.rollout.max_prompt_tokens
         if limit:
             self.max_prompt_tokens = min(self.max_prompt_tokens, limit - cfg.rollout.max_new_tokens)
-        teacher_model = None
+        teacher_model = teacher_tok = None
         if cfg.teacher.mode == "model":
             assert cfg.teacher.model
             self._say(f"loading teacher {cfg.teacher.model} ...")
             teacher_model, teacher_tok = load_model(cfg.teacher.model, device=self.device)
-            check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
+            if self.method == "opcd":  # OVD reads only the teacher's text: any tokenizer
+                check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
         self.student = setup_student(cfg, student)
         # With full fine-tuning the frozen teacher is a copy taken now, before any update.
-        self.teacher = Teacher(cfg.teacher.mode, self.student, teacher_model)
+        self.teacher = self._build_teacher(teacher_model, teacher_tok)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -300,9 +313,22 @@ class Trainer:
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
+    def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
+        """The teacher of this method (OPCD: the log-prob :class:`Teacher`)."""
+        return Teacher(self.cfg.teacher.mode, self.student, model)
+
     def _say(self, msg: str) -> None:
         if self.progress:
             tqdm.write(msg, file=sys.stderr)
+
+    def format_step(self, m: dict[str, Any]) -> str:
+        """The terminal line of a step's metrics."""
+        return _format_step(m)
+
+    def postfix(self, m: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's figures for a step."""
+        return {"loss": f"{m['loss']:.4f}", "rkl": f"{m['reverse_kl']:.4f}",
+                "tok_s": f"{m['tokens_per_s']:.1f}"}
 
     # ------------------------------------------------------------------ one step
     def _prompt_pairs(self, idx: list[int]) -> list[PromptPair]:
@@ -531,6 +557,15 @@ def _format_step(m: dict[str, Any]) -> str:
     )
 
 
+def build_trainer(cfg: Config, *, progress: bool = True) -> Trainer:
+    """The trainer of ``cfg.method``: :class:`Trainer` (opcd) or :class:`opcd.ovd_trainer.OvdTrainer`."""
+    if cfg.method == "ovd":
+        from opcd.ovd_trainer import OvdTrainer
+
+        return OvdTrainer(cfg, progress=progress)
+    return Trainer(cfg, progress=progress)
+
+
 def _as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
     if isinstance(config, Config):
         if overrides:
@@ -619,7 +654,8 @@ def train(
     progress: bool = True,
     on_eval: Callable[[int, EvalResult], None] | None = None,
 ) -> TrainResult:
-    """Run OPCD as configured; returns where the results are. The CLI's ``opcd train``.
+    """Run OPCD (or OVD: ``method: ovd``) as configured; returns where the results are.
+    The CLI's ``opcd train``.
 
     Raises :class:`TrainingInterrupted` after SIGINT / SIGTERM (a checkpoint of the last
     finished step is saved first) and :class:`NumericalError` after
@@ -642,7 +678,7 @@ def _run(
 ) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    trainer = Trainer(cfg, progress=progress)
+    trainer = build_trainer(cfg, progress=progress)
     log = MetricsLog(run_dir / "metrics.jsonl")
     start = trainer.restore(run_dir) if resume else 0
     ckpt.clean_stale(run_dir)
@@ -669,7 +705,7 @@ def _run(
         run_eval(0)
 
     steps = cfg.train.steps
-    bar = tqdm(total=steps, initial=start, desc="opcd", unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=start, desc=cfg.method, unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     save_every = cfg.run.save_every
     limit = cfg.train.max_consecutive_skips
@@ -680,8 +716,7 @@ def _run(
             m = trainer.train_step()
             log.write(m)
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['reverse_kl']:.4f}",
-                            tok_s=f"{m['tokens_per_s']:.1f}")
+            bar.set_postfix(**trainer.postfix(m))
             if m["skipped"]:
                 trainer.consecutive_skips += 1
                 bad.append(m)
@@ -693,7 +728,7 @@ def _run(
             else:
                 trainer.consecutive_skips = 0
                 bad.clear()
-                trainer._say(_format_step(m))
+                trainer._say(trainer.format_step(m))
             done = trainer.step >= steps
             if done or (cfg.eval.every and trainer.step % cfg.eval.every == 0):
                 run_eval(trainer.step)
@@ -708,7 +743,7 @@ def _run(
     if cfg.run.plot:
         from opcd.plot import plot_run
 
-        plot_run(history, run_dir / "plot.png")
+        plot_run(history, run_dir / "plot.png", title=f"{cfg.method.upper()} run")
     return TrainResult(
         run_dir=run_dir, steps=trainer.step, final_model=final,
         history=[r for r in history if r["type"] == "train"],

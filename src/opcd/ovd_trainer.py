@@ -1,0 +1,303 @@
+"""The OVD step on the shared training loop: ``opcd train CONFIG method=ovd``.
+
+:class:`OvdTrainer` is a :class:`opcd.trainer.Trainer` with a verbal teacher and its own
+:meth:`~OvdTrainer.train_step` (rollout of a group per prompt -> verbal scores ->
+rejection and replacement -> clipped policy-gradient update, see :mod:`opcd.ovd`).
+Everything else (data order, evaluation, metrics.jsonl, checkpoints, exact resume,
+signals, non-finite skips) is the trainer's own, unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from opcd import losses, rollout
+from opcd.chat import student_messages, teacher_messages
+from opcd.ovd import (
+    ModelVerbalTeacher,
+    Ratings,
+    Trajectory,
+    VerbalTeacher,
+    clipped_policy_loss,
+    digit_token_ids,
+    fill_group_mean,
+    fill_score_prompt,
+    group_advantages,
+    mix_rewards,
+    prefix_cut,
+    rate,
+    teacher_trajectory,
+    turn_score_requests,
+)
+from opcd.scoring import pack, response_hidden
+from opcd.tasks.base import Example, Task
+from opcd.trainer import Trainer, non_finite_reason
+
+OUTCOME_TASKS = frozenset({"math", "gsm8k", "frozenlake", "sokoban", "safety"})
+"""Built-in tasks whose ``score`` is an outcome reward (exact match, success, a verdict)."""
+
+
+def has_outcome_reward(task: Task) -> bool:
+    """Whether ``task.score`` is an outcome reward to train on (a task may say so itself
+    with an ``outcome_reward`` attribute); system-prompt scorers are evaluation measures."""
+    flag = getattr(task, "outcome_reward", None)
+    return flag if isinstance(flag, bool) else task.name in OUTCOME_TASKS
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class OvdTrainer(Trainer):
+    """On-policy Verbal Distillation on the shared loop (``method: ovd``)."""
+
+    method = "ovd"
+    teacher: VerbalTeacher
+
+    def __init__(self, cfg: Any, *, progress: bool = True) -> None:
+        super().__init__(cfg, progress=progress)
+        o = cfg.ovd
+        self.reward_weight = o.reward_weight if o.reward_weight is not None else (
+            1.0 if has_outcome_reward(self.task) else 0.0
+        )
+        eos = self.tokenizer.eos_token_id
+        self.eos_id = int(eos) if eos is not None else rollout.eos_ids(self.student, self.tokenizer)[0]
+
+    def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> VerbalTeacher:
+        cfg = self.cfg
+        name = cfg.teacher.model or f"the {cfg.teacher.mode} teacher"
+        teacher = ModelVerbalTeacher(
+            cfg.teacher.mode, self.student, self.tokenizer, model, tokenizer,
+            batch_size=cfg.perf.teacher_batch_size, name=repr(name),
+        )
+        if cfg.ovd.score_mode == "expected":
+            digit_token_ids(teacher.tokenizer, repr(name))  # refuse now, not at the first step
+        return teacher
+
+    # ------------------------------------------------------------------ teacher calls
+    def _context(self, example: Example) -> str | None:
+        return self.task.context(example) if self.cfg.ovd.teacher_context else None
+
+    def rate_responses(self, examples: Sequence[Example], texts: Sequence[str]) -> Ratings:
+        """The teacher's 0-9 verdict on each response (one example per text)."""
+        o = self.cfg.ovd
+        requests = [
+            fill_score_prompt(o.score_prompt, ex.prompt, text, self._context(ex))
+            for ex, text in zip(examples, texts, strict=True)
+        ]
+        return rate(self.teacher, requests, mode=o.score_mode, max_new_tokens=o.score_max_new_tokens)
+
+    def score_turns(self, example: Example, turns: Sequence[tuple[str, str]]) -> Ratings:
+        """Step-level OVD: one verdict per assistant turn of a played episode (for the
+        multi-turn loop; combine with :func:`opcd.ovd.turn_advantages`)."""
+        o = self.cfg.ovd
+        requests = turn_score_requests(turns, template=o.score_prompt, context=self._context(example))
+        return rate(self.teacher, requests, mode=o.score_mode, max_new_tokens=o.score_max_new_tokens)
+
+    def replace(
+        self, trajs: list[Trajectory], rows: Sequence[int], examples: Sequence[Example]
+    ) -> tuple[list[int], int]:
+        """Replace ``trajs[rows]`` by teacher text (in place); (rows replaced, rows whose
+        teacher prompt was too long and that keep the student's response)."""
+        cfg, o = self.cfg, self.cfg.ovd
+        cap = o.teacher_max_new_tokens or cfg.rollout.max_new_tokens
+        temperature = o.teacher_temperature if o.teacher_temperature is not None else cfg.rollout.temperature
+
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        def encode(text: str) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        convs, prefills, kept = [], [], []
+        for i in rows:
+            tr = trajs[i]
+            ex = examples[tr.group]
+            convs.append(teacher_messages(self.task, ex) if o.teacher_context else student_messages(ex))
+            kept_ids: list[int] = []
+            if o.replace == "suffix":
+                body = tr.response_ids if tr.truncated else tr.response_ids[:-1]  # without EOS
+                kept_ids = body[: prefix_cut(body, decode)]
+            kept_text = decode(kept_ids) if kept_ids else ""
+            prefills.append(kept_text)
+            kept.append((kept_ids, kept_text))
+        gens = self.teacher.generate(convs, max_new_tokens=cap, temperature=temperature,
+                                     prefills=prefills) if convs else []
+        done, failed = [], 0
+        for i, gen, (kept_ids, kept_text) in zip(rows, gens, kept, strict=True):
+            if gen is None:
+                failed += 1
+                continue
+            limit = max(cfg.rollout.max_new_tokens, len(kept_ids) + cap)
+            trajs[i] = teacher_trajectory(trajs[i].group, kept_ids, kept_text, gen.text, gen.ended,
+                                          encode, self.eos_id, limit)
+            done.append(i)
+        return done, failed
+
+    # ------------------------------------------------------------------ the step
+    def _token_logps(self, hidden: Tensor, ids: Tensor) -> Tensor:
+        """log p_student(y_t) at the sampling temperature, ``[N]``. With perf.chunked_loss the
+        head runs loss_chunk_tokens at a time and is recomputed in the backward pass, so no
+        [tokens, vocab] tensor outlives its chunk."""
+        head = self.student.get_output_embeddings()
+        T = self.cfg.rollout.temperature
+
+        def part(h: Tensor, t: Tensor) -> Tensor:
+            logits = head(h).float() / T
+            return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
+
+        if not self.cfg.perf.chunked_loss:
+            return part(hidden, ids)
+        size = self.cfg.perf.loss_chunk_tokens
+        return torch.cat([
+            checkpoint(part, hidden[s : s + size], ids[s : s + size], use_reentrant=False)
+            for s in range(0, hidden.shape[0], size)
+        ])
+
+    def train_step(self) -> dict[str, Any]:
+        """One OVD step (see :mod:`opcd.ovd`); returns its metrics."""
+        cfg, o = self.cfg, self.cfg.ovd
+        n = cfg.rollout.n
+        t0 = time.perf_counter()
+        idx = self.order.take(cfg.train.batch_size)
+        pairs = self._prompt_pairs(idx)
+        examples = [p.example for p in pairs]
+        roll = rollout.sample(
+            self.student, self.tokenizer, [p.student_ids for p in pairs], n=n,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+        )
+        t_rollout = time.perf_counter() - t0
+        groups = roll.prompt_index  # prompt-major: n rows per prompt
+        trajs = [Trajectory(g, ids, text, cut) for g, ids, text, cut
+                 in zip(groups, roll.response_ids, roll.texts, roll.truncated, strict=True)]
+        student_len = _mean([len(r) for r in roll.response_ids]) or 0.0
+
+        # verbal scores, rejection and replacement
+        t = time.perf_counter()
+        first = self.rate_responses([examples[g] for g in groups], roll.texts)
+        t_score = time.perf_counter() - t
+        scores = list(first.scores)
+        rejected = [i for i, s in enumerate(scores) if s is not None and s < o.threshold]
+        t = time.perf_counter()
+        replaced, failed = self.replace(trajs, rejected, examples)
+        t_replace = time.perf_counter() - t
+        ratings = [first]
+        if replaced:
+            t = time.perf_counter()
+            again = self.rate_responses([examples[trajs[i].group] for i in replaced],
+                                        [trajs[i].text for i in replaced])
+            t_score += time.perf_counter() - t
+            ratings.append(again)
+            for i, s in zip(replaced, again.scores, strict=True):
+                scores[i] = s
+        unparseable = sum(sum(s is None for s in r.scores) - r.too_long for r in ratings)
+        bad_texts = [r.raw[k][:100] for r in ratings for k, s in enumerate(r.scores)
+                     if s is None and r.raw[k]][:3]
+
+        # rewards and advantages
+        verbal = fill_group_mean(scores, groups)
+        outcome = [float(self.task.score(examples[tr.group], tr.text)) for tr in trajs]
+        rewards = mix_rewards(outcome, verbal, self.reward_weight)
+        adv = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(-1, n)).view(-1)
+
+        # update: clipped policy gradient, token mean over the whole step
+        t_update_start = time.perf_counter()
+        responses = [tr.response_ids for tr in trajs]
+        total_tokens = float(sum(len(r) for r in responses))
+        total_seqs = float(sum(1 for r in responses if r))
+        loss_sum, clipped = 0.0, 0.0
+        self.student.train()
+        mb = cfg.train.micro_batch_size
+        for start in range(0, len(trajs), mb):
+            rows = list(range(start, min(start + mb, len(trajs))))
+            if all(float(adv[i]) == 0.0 or not responses[i] for i in rows):
+                continue  # no signal: its gradient would be exactly zero
+            sb = pack([pairs[trajs[i].group].student_ids for i in rows], [responses[i] for i in rows],
+                      self.pad_id, device=self.device)
+            mask = sb.response_mask
+            weights = losses.reduction_weights(
+                mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs,
+            )
+            logp = self._token_logps(response_hidden(self.student, sb)[mask], sb.response_ids[mask])
+            a_tok = adv[rows].to(self.device, torch.float32)[:, None].expand(mask.shape)[mask]
+            per_token, clip = clipped_policy_loss(logp, logp.detach(), a_tok, o.clip_eps)
+            loss = (per_token * weights[mask]).sum()
+            loss.backward()
+            loss_sum += float(loss.detach())
+            clipped += float(clip.sum())
+            del logp, per_token, loss
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.student.parameters() if p.requires_grad], cfg.train.max_grad_norm
+        ))
+        skip_reason = non_finite_reason(loss_sum, grad_norm)
+        if skip_reason is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - t_update_start
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        rows_n = max(len(trajs), 1)
+        teacher_scores = [scores[i] for i in replaced if scores[i] is not None]
+        zero_groups = adv.view(-1, n).eq(0).all(dim=1).float().mean().item()
+        mass = [x for r in ratings for x in r.digit_mass if x == x]
+        return {
+            "type": "train",
+            "step": self.step,
+            "loss": loss_sum,
+            "grad_norm": grad_norm,
+            "verbal_score": _mean([s for s in first.scores if s is not None]),
+            "verbal_score_final": _mean([s for s in scores if s is not None]),
+            "teacher_score": _mean(teacher_scores),
+            "outcome_reward": sum(outcome) / rows_n,
+            "reward": sum(rewards) / rows_n,
+            "reward_weight": self.reward_weight,
+            "replaced_frac": len(replaced) / rows_n,
+            "rejected": len(rejected),
+            "replace_failed": failed,
+            "unparseable": unparseable,
+            **({"unparseable_texts": bad_texts} if bad_texts else {}),
+            "too_long": sum(r.too_long for r in ratings),
+            "digit_mass": _mean(mass),
+            "zero_adv_groups": zero_groups,
+            "clip_frac": clipped / max(total_tokens, 1.0),
+            "response_len": total_tokens / rows_n,
+            "student_response_len": student_len,
+            "truncated_frac": sum(tr.truncated for tr in trajs) / rows_n,
+            "time_rollout": t_rollout,
+            "time_score": t_score,
+            "time_replace": t_replace,
+            "time_teacher": t_score + t_replace,
+            "time_update": t_update,
+            "time_step": elapsed,
+            "tokens_per_s": total_tokens / elapsed,
+            "lr": cfg.train.lr,
+            "sample": trajs[0].text[:200] if trajs else "",
+            "skipped": skip_reason is not None,
+            **({"skip_reason": skip_reason,
+                "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
+        }
+
+    # ------------------------------------------------------------------ display
+    def format_step(self, m: dict[str, Any]) -> str:
+        return (
+            f"step {m['step']:>4} | loss {m['loss']:.4f} | verbal {_fmt(m['verbal_score'], '.2f')} | "
+            f"outcome {m['outcome_reward']:.3f} | replaced {m['replaced_frac']:.2f} | "
+            f"unparsed {m['unparseable']} | len {m['response_len']:.1f} | "
+            f"rollout {m['time_rollout']:.1f}s score {m['time_score']:.1f}s "
+            f"replace {m['time_replace']:.1f}s update {m['time_update']:.1f}s"
+        )
+
+    def postfix(self, m: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{m['loss']:.4f}", "verbal": _fmt(m["verbal_score"], ".2f"),
+                "repl": f"{m['replaced_frac']:.2f}"}
