@@ -30,7 +30,7 @@ def test_bench_command_prints_table_and_appends_results(
                         ("step", "fast"), ("step", "naive"), ("rollout", "fast"),
                         ("teacher (in step)", "fast"), ("update (in step)", "naive")]:
         assert f"| {phase} | {mode} |" in printed, (phase, mode)
-    assert "teacher scoring, naive / prefix reuse (warm)" in printed
+    assert "teacher scoring (log-probs), naive / prefix reuse (warm)" in printed
     assert "whole step throughput fast / naive" in printed
     text = out.read_text()
     assert text.startswith("# opcd benchmark results")
@@ -57,9 +57,10 @@ def test_teacher_job_in_a_subprocess_reports_memory_and_equal_logprobs(tiny_mode
     (job,) = bench._jobs(spec)
     json.dumps(job)  # jobs travel to the worker as JSON
     rows = bench._run_subprocess(job)
-    assert [r["mode"] for r in rows] == ["naive", "fast (cold)", "fast (warm)"]
+    assert [r["mode"] for r in rows if r["phase"] == "teacher"] == ["naive", "fast (cold)", "fast (warm)"]
     assert all(r["max_logp_diff"] < 1e-4 for r in rows)
     assert all(r["matmul_gflops"] > 0 and r["tokens"] == 15 for r in rows)
+    assert {r["phase"] for r in rows} == {"teacher", "teacher forward"}
 
 
 def test_update_flops_counts_trained_weights(tiny) -> None:

@@ -226,29 +226,34 @@ def _teacher_worker(spec: BenchSpec) -> list[dict[str, Any]]:
     hidden: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if "naive" in spec.modes:  # as the trainer's naive path: micro-batches of full rows
-            t = time.perf_counter()
+            t_fwd = t_head = 0.0
             kept = []
             for s in range(0, spec.batch, spec.micro_batch):
                 b = pack(t_prompts[s : s + spec.micro_batch], responses[s : s + spec.micro_batch], pad)
+                t = time.perf_counter()
                 h = response_hidden(model, b)
+                t_fwd += time.perf_counter() - t
+                t = time.perf_counter()
                 logp = torch.log_softmax(head(h).float(), -1)
                 logp.gather(-1, b.response_ids.masked_fill(~b.response_mask, 0)[..., None])
+                t_head += time.perf_counter() - t
                 kept.append(h[b.response_mask])
                 del logp
-            seconds = time.perf_counter() - t
-            rows.append(_row("teacher", "naive", seconds, n_tokens,
-                             note=f"{spec.micro_batch} full rows per forward"))
+            rows += _teacher_rows("naive", t_fwd, t_head, n_tokens,
+                                  f"{spec.micro_batch} full rows per forward")
             hidden["naive"] = torch.cat(kept)
         if "fast" in spec.modes:
             for label in ("cold", "warm"):
                 t = time.perf_counter()
                 h = torch.cat(teacher.response_hidden(t_prompts, responses, pad))
+                t_fwd = time.perf_counter() - t
+                t = time.perf_counter()
                 token_logps(h)
-                seconds = time.perf_counter() - t
+                t_head = time.perf_counter() - t
                 store = teacher.store
                 note = (f"prefix {'computed' if label == 'cold' else 'reused'}; "
                         f"store {store.tokens if store else 0} tokens")
-                rows.append(_row("teacher", f"fast ({label})", seconds, n_tokens, note=note))
+                rows += _teacher_rows(f"fast ({label})", t_fwd, t_head, n_tokens, note)
                 hidden["fast"] = h
         if len(hidden) == 2:
             diff = 0.0
@@ -262,6 +267,15 @@ def _teacher_worker(spec: BenchSpec) -> list[dict[str, Any]]:
         r["matmul_gflops"] = peak
         r["teacher_prompt_tokens"] = sum(len(p) for p in t_prompts) / len(t_prompts)
     return rows
+
+
+def _teacher_rows(mode: str, t_fwd: float, t_head: float, tokens: int, note: str) -> list[dict[str, Any]]:
+    """Scoring = forward (hidden states) + log-probs (output head, log-softmax); both rows."""
+    return [
+        _row("teacher", mode, t_fwd + t_head, tokens,
+             note=f"{note}; forward {t_fwd:.1f}s + head/log-softmax {t_head:.1f}s"),
+        _row("teacher forward", mode, t_fwd, tokens, note="hidden states only"),
+    ]
 
 
 def _row(phase: str, mode: str, seconds: float, tokens: float, **extra: Any) -> dict[str, Any]:
@@ -422,12 +436,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     def find(phase: str, mode: str) -> dict[str, Any] | None:
         return next((r for r in rows if r["phase"] == phase and r["mode"] == mode), None)
 
-    naive = find("teacher", "naive")
-    for label in ("cold", "warm"):
-        fast = find("teacher", f"fast ({label})")
-        if naive and fast:
-            out.append(f"teacher scoring, naive / prefix reuse ({label}): "
-                       f"{naive['seconds'] / fast['seconds']:.2f}x faster")
+    for phase, what in (("teacher", "teacher scoring (log-probs)"),
+                        ("teacher forward", "teacher forward (hidden states)")):
+        naive = find(phase, "naive")
+        for label in ("cold", "warm"):
+            fast = find(phase, f"fast ({label})")
+            if naive and fast:
+                out.append(f"{what}, naive / prefix reuse ({label}): "
+                           f"{naive['seconds'] / fast['seconds']:.2f}x faster")
     sf, sn = find("step", "fast"), find("step", "naive")
     if sf and sn:
         out.append(f"whole step throughput fast / naive: {sf['tok_s'] / sn['tok_s']:.2f}x")

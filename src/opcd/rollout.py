@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from opcd.scoring import prefix_cache_supported
+from opcd.scoring import prefix_cache_supported, sdpa_gqa
 
 
 @dataclass
@@ -99,8 +99,9 @@ def decode(
     cache = DynamicCache(config=model.config)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True)
+    with sdpa_gqa(decoder):
+        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
     hidden = out.last_hidden_state[:, -1]
     next_pos = positions[:, -1] + 1
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)

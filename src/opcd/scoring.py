@@ -10,7 +10,10 @@ aligned token by token across models whatever the prefix lengths and padding sid
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,15 +83,40 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def sdpa_gqa(model: nn.Module) -> Iterator[None]:
+    """On the CPU, let SDPA read grouped-query key/value heads without repeating them.
+
+    Whenever an attention mask is passed, transformers' SDPA path copies every key/value
+    head ``num_heads / num_kv_heads`` times (7x for Qwen2.5-0.5B) before the kernel; torch's
+    CPU kernels take ``enable_gqa=True`` with a mask and give the same results (forward
+    and backward), so the copy is skipped here through transformers' own switch. Left
+    alone on other devices (CUDA's fused kernels do not take a mask with GQA).
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu" or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
+
+
 def response_hidden(model: nn.Module, batch: PackedBatch) -> Tensor:
     """Final hidden states at the positions predicting response tokens: ``[B, R, H]``."""
     decoder, _ = _decoder_and_head(model)
-    out = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
+    with sdpa_gqa(model):
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     idx = batch.target_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, idx)
@@ -290,7 +318,8 @@ def _run_prefix(decoder: nn.Module, tokens: list[int], start: int, past: KV | No
     cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     pos = torch.arange(start, start + len(tokens), device=device).unsqueeze(0)
-    out = decoder(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    with sdpa_gqa(decoder):
+        out = decoder(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
     return _kv_of(out.past_key_values)
 
 
@@ -350,10 +379,11 @@ def _suffix_hidden(
     kwargs: dict[str, Any] = {}
     if prefix is not None:
         kwargs["past_key_values"] = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in prefix])
-    out = decoder(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-        use_cache=prefix is not None, **kwargs,
-    )
+    with sdpa_gqa(decoder):
+        out = decoder(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+            use_cache=prefix is not None, **kwargs,
+        )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     rows = []
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
