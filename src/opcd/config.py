@@ -27,7 +27,8 @@ TeacherMode = Literal["frozen", "model", "live"]
 Objective = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
 Reduction = Literal["token_mean", "seq_mean"]
 ContextPlacement = Literal["system", "user"]
-Method = Literal["opcd", "ovd"]
+Method = Literal["opcd", "ovd", "offpolicy"]
+OffPolicyLoss = Literal["fkl", "sft"]
 ScoreMode = Literal["generate", "expected"]
 Replace = Literal["whole", "suffix"]
 
@@ -40,6 +41,9 @@ class TaskConfig:
     """A built-in task (see ``opcd.tasks.TASKS``), or ``system_prompt`` for your own data."""
     context: str | None = None
     """The context c. For built-in tasks this overrides the task's own context."""
+    context_file: str | None = None
+    """A text file whose non-blank lines are the context (e.g. an experience file written by
+    ``opcd extract``); excludes ``context``. No lines: a DataError."""
     placement: ContextPlacement | None = None
     """Where c goes: ``system`` message or into the ``user`` turn (default: the task's)."""
     user_template: str = "{context}\n\n{prompt}"
@@ -221,6 +225,45 @@ class OvdConfig:
 
 
 @dataclass
+class OffPolicyConfig:
+    """Off-policy context distillation (``method: offpolicy``, see :mod:`opcd.offpolicy`).
+
+    The teacher (with the context) samples the responses once (saved with its top-k
+    log-probs, ``loss.top_k``, in the run folder); the student learns them without it.
+    """
+
+    loss: OffPolicyLoss = "fkl"
+    """fkl: forward KL over the teacher's top-k; sft: token NLL of the teacher's tokens."""
+
+
+@dataclass
+class ExtractConfig:
+    """Experiential knowledge extraction (``opcd extract``, see :mod:`opcd.experience`)."""
+
+    problems: int = 30
+    """Training problems walked through per extraction run."""
+    runs: int = 10
+    """Extraction runs; run r draws its problems and samples with seed ``seed + r``."""
+    seed: int = 0
+    budget_tokens: int = 1024
+    """Longest experience (tokens of the extractor's tokenizer); oldest items dropped first."""
+    val_size: int = 32
+    """Validation (``eval`` split) examples scored with the experience after each update."""
+    model: str | None = None
+    """The extractor (None: the student, ``model``), e.g. qwen2.5-coder-1.5b-instruct."""
+    marker: str = "- EXPERIENCE ITEM:"
+    """Lines starting with this are experience items; everything else is dropped."""
+    max_new_tokens: int = 512
+    """Longest solution and longest insight list the extractor writes."""
+    temperature: float = 0.7
+    """Sampling temperature of solutions and insights (0: greedy)."""
+    prompt: str | None = None
+    """The insight request ({problem}, {solution}, {experience}, {marker}); None: built-in."""
+    dir: str = "runs/extract"
+    """Where experience.txt and trace.jsonl go."""
+
+
+@dataclass
 class Config:
     """A whole OPCD (or OVD) run."""
 
@@ -239,6 +282,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     ovd: OvdConfig = field(default_factory=OvdConfig)
+    offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,10 +297,12 @@ _POSITIVE = {
     "eval.size", "eval.max_new_tokens", "run.keep_last", "train.max_consecutive_skips",
     "perf.loss_chunk_tokens", "perf.teacher_batch_size", "perf.prefix_block_tokens",
     "ovd.score_max_new_tokens", "ovd.clip_eps",
+    "extract.problems", "extract.runs", "extract.budget_tokens", "extract.val_size",
+    "extract.max_new_tokens",
 }
 _NON_NEGATIVE = {
     "train.weight_decay", "lora.dropout", "eval.every", "eval.temperature", "run.save_every",
-    "perf.prefix_cache_tokens",
+    "perf.prefix_cache_tokens", "extract.temperature",
 }
 
 
@@ -425,6 +472,20 @@ def _check_ranges(cfg: Config) -> None:
             f"task.user_template={cfg.task.user_template!r} must contain both {{context}} and {{prompt}}."
         )
     _check_ovd(cfg)
+    if cfg.method == "offpolicy" and cfg.teacher.mode == "live":
+        raise ConfigError(
+            "method=offpolicy generates the teacher's responses once and reuses them, so its "
+            "teacher cannot be live: use teacher.mode=frozen (the initial student) or model."
+        )
+    if cfg.task.context is not None and cfg.task.context_file is not None:
+        raise ConfigError("Set task.context or task.context_file, not both.")
+    if cfg.extract.prompt is not None:
+        missing = [p for p in ("{problem}", "{solution}") if p not in cfg.extract.prompt]
+        if missing:
+            raise ConfigError(
+                f"extract.prompt must contain {' and '.join(missing)} (placeholders: {{problem}}, "
+                "{solution}, optionally {experience} and {marker})."
+            )
 
 
 def _check_ovd(cfg: Config) -> None:

@@ -563,6 +563,10 @@ def build_trainer(cfg: Config, *, progress: bool = True) -> Trainer:
         from opcd.ovd_trainer import OvdTrainer
 
         return OvdTrainer(cfg, progress=progress)
+    if cfg.method == "offpolicy":
+        from opcd.offpolicy import OffPolicyTrainer
+
+        return OffPolicyTrainer(cfg, progress=progress)
     return Trainer(cfg, progress=progress)
 
 
