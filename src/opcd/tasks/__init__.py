@@ -64,6 +64,12 @@ def _template(cfg: TaskConfig) -> str | None:
 
 def build_task(cfg: TaskConfig) -> Task:
     """Make the task a config names, with its overrides applied."""
+    if cfg.context_file is not None:
+        from opcd.experience import read_context_file
+
+        if cfg.context is not None:
+            raise ConfigError("Set task.context or task.context_file, not both.")
+        cfg = dataclasses.replace(cfg, context=read_context_file(cfg.context_file), context_file=None)
     if cfg.name in ("french", "system_prompt"):
         extra = [k for k in ("families", "train_size", "eval_size", "test_size")
                  if getattr(cfg, k) is not None]
