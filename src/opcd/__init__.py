@@ -10,6 +10,8 @@ Python API (each CLI command is one of these):
     opcd.train(config, overrides)   # opcd train CONFIG.yaml key=value ...
     opcd.evaluate_model(model, task) # opcd eval --model ... --task ...
     opcd.demo()                      # opcd demo
+    opcd.extract_experience(config)  # opcd extract CONFIG.yaml key=value ...
+    opcd.compare(spec)               # opcd compare SPEC.yaml
     opcd.models.list_models(), opcd.models.pull(name)
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "demo", "evaluate_model", "load_config", "train"]
+__all__ = ["__version__", "compare", "demo", "evaluate_model", "extract_experience", "load_config", "train"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
@@ -35,6 +37,14 @@ def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
         from opcd.demo import demo
 
         return demo
+    if name == "extract_experience":
+        from opcd.experience import extract_experience
+
+        return extract_experience
+    if name == "compare":
+        from opcd.compare import compare
+
+        return compare
     if name == "load_config":
         from opcd.config import load_config
 

@@ -6,6 +6,8 @@
     opcd models                  list the embedded models and what is in the cache
     opcd models pull NAME        fetch, verify and prepare one
     opcd bench [--model M --batch B --context C --prompt P --response R ...]
+    opcd extract CONFIG.yaml [key=value ...] [--overwrite]
+    opcd compare SPEC.yaml | --runs A B ... [--task T ...]
 
 Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
 ``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
@@ -97,6 +99,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from opcd.experience import extract_experience
+
+    res = extract_experience(args.config, args.overrides, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    print(f"trace: {res.trace_path} ({res.updates_done} updates, {res.resumed} read back)")
+    print(f"experience: {res.experience_path} ({len(res.items)} items; validation "
+          f"{res.score} vs {res.baseline} without experience; run {res.run}, update {res.update})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from opcd.compare import compare, spec_from_runs
+
+    if (args.spec is None) == (not args.runs):
+        raise OpcdError("`opcd compare` takes a SPEC.yaml or --runs A B ..., not both or neither.")
+    spec = args.spec
+    if spec is None:
+        ev = {k: v for k, v in (("size", args.size), ("max_new_tokens", args.max_new_tokens),
+                                ("temperature", args.temperature), ("seed", args.seed))
+              if v is not None}
+        spec = spec_from_runs(args.runs, args.task, split=args.split, base=args.base,
+                              output=args.output, eval_settings=ev)
+    res = compare(spec, output=args.output, progress=not args.quiet)
+    print(res.markdown.read_text(encoding="utf-8"))
+    print(f"table: {res.markdown}, {res.csv}; plot: {res.plot or 'none (no run folders)'}; "
+          f"{res.evaluated} cells evaluated, the rest from the cache")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opcd",
@@ -162,6 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every job in this process (faster; peak memory is then shared)")
     b.add_argument("overrides", nargs="*", help="config overrides for step/update, e.g. train.gradient_checkpointing=true")
     b.set_defaults(func=_cmd_bench)
+
+    x = sub.add_parser("extract", help="extract experience (insights) for a task's context")
+    x.add_argument("config", help="YAML config (its task, model and extract sections)")
+    x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. extract.runs=3")
+    x.add_argument("--overwrite", action="store_true", help="start again in extract.dir")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_cmd_extract)
+
+    c = sub.add_parser("compare", help="table of base / in-context / off-policy CD / OPCD ...")
+    c.add_argument("spec", nargs="?", default=None, help="YAML spec (tasks, rows, eval, output)")
+    c.add_argument("--runs", nargs="+", default=None, help="run folders (instead of a spec)")
+    c.add_argument("--task", action="append", default=None, help="extra task column (repeatable)")
+    c.add_argument("--split", default="eval")
+    c.add_argument("--base", default=None, help="base model (default: the first run's model)")
+    c.add_argument("--size", type=int, default=None)
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--output", default=None, help="output folder (default: the spec's, runs/compare)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compare)
     return p
 
 

@@ -1,0 +1,436 @@
+"""``opcd compare``: one table of base / in-context / off-policy CD / OPCD (/ OVD / cross-size).
+
+A spec (YAML file or dict) names the columns, the rows and the evaluation settings::
+
+    tasks:                        # columns: every row is scored on each
+      - {name: math, split: test, label: math (in-distribution)}
+      - {name: gsm8k, split: test, label: GSM8K (OOD), task: {test_size: 200}}
+    rows:
+      - {label: base, model: qwen2.5-coder-0.5b-instruct}
+      - {label: in-context, model: qwen2.5-coder-0.5b-instruct, with_context: true}
+      - {label: off-policy CD, run: runs/math-offpolicy}   # model: the run's final/
+      - {label: OPCD, run: runs/math-opcd}
+      - {label: 0.5B + 1.5B experience, model: qwen2.5-coder-0.5b-instruct,
+         with_context: true, context_file: runs/extract-1.5b/experience.txt}
+    eval: {size: 100, max_new_tokens: 256, temperature: 1.0, seed: 1234, batch_size: 16}
+    output: runs/compare
+
+A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context); a
+row's ``context`` / ``context_file`` replaces the task's context when ``with_context``.
+
+Every cell is :func:`opcd.evaluate.evaluate` (mean ± standard error) and is cached in
+``<output>/cache.json`` under a hash of (model weights, task settings, context, split,
+with_context, eval settings): rerunning a comparison, or adding a row, only evaluates the
+new cells. Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
+held-out score against step from each row's run folder ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opcd.errors import ConfigError
+
+EVAL_DEFAULTS: dict[str, Any] = {
+    "size": 100, "max_new_tokens": 256, "temperature": 1.0, "seed": 1234, "batch_size": 16,
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass
+class Column:
+    label: str
+    name: str
+    split: str
+    task: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    label: str
+    model: str
+    with_context: bool = False
+    context: str | None = None
+    context_file: str | None = None
+    run: str | None = None
+
+
+@dataclass
+class Cell:
+    score: float
+    stderr: float
+    n: int
+    cached: bool = False
+
+
+@dataclass
+class CompareResult:
+    """The table (``cells[row label][column label]``) and the files written."""
+
+    rows: list[Row]
+    columns: list[Column]
+    cells: dict[str, dict[str, Cell]]
+    markdown: Path
+    csv: Path
+    plot: Path | None
+    evaluated: int
+    """Cells evaluated now (the others came from the cache)."""
+
+
+# --------------------------------------------------------------------------- spec
+def _need(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d or d[key] in (None, ""):
+        raise ConfigError(f"compare spec: {where} needs {key!r}.")
+    return d[key]
+
+
+def _check_keys(d: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"compare spec: {where} must be a mapping, got {type(d).__name__}.")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"compare spec: {where} has unknown keys {unknown}; valid: {sorted(allowed)}.")
+    return d
+
+
+def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str, Any], Path]:
+    """Validate a spec: (columns, rows, eval settings, output folder)."""
+    spec = _check_keys(spec, {"tasks", "rows", "eval", "output"}, "the spec")
+    columns: list[Column] = []
+    for i, c in enumerate(_need(spec, "tasks", "the spec")):
+        if isinstance(c, str):
+            c = {"name": c}
+        c = _check_keys(c, {"name", "split", "label", "task"}, f"tasks[{i}]")
+        name = str(_need(c, "name", f"tasks[{i}]"))
+        split = str(c.get("split", "eval"))
+        extra = _check_keys(c.get("task") or {}, {f.name for f in dataclasses.fields(_task_config())},
+                            f"tasks[{i}].task")
+        columns.append(Column(str(c.get("label") or f"{name}/{split}"), name, split, dict(extra)))
+    rows: list[Row] = []
+    for i, r in enumerate(_need(spec, "rows", "the spec")):
+        r = _check_keys(r, {"label", "model", "with_context", "context", "context_file", "run"}, f"rows[{i}]")
+        run = r.get("run")
+        model = r.get("model") or (str(Path(run) / "final") if run else None)
+        if not model:
+            raise ConfigError(f"compare spec: rows[{i}] needs 'model' or 'run'.")
+        if r.get("context") is not None and r.get("context_file") is not None:
+            raise ConfigError(f"compare spec: rows[{i}] sets both 'context' and 'context_file'.")
+        label = str(r.get("label") or (Path(run).name if run else model))
+        rows.append(Row(label, str(model), bool(r.get("with_context", False)), r.get("context"),
+                        r.get("context_file"), str(run) if run else None))
+    for what, labels in (("row", [r.label for r in rows]), ("task", [c.label for c in columns])):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ConfigError(f"compare spec: {what} labels must be unique; repeated: {dup}.")
+    ev = _check_keys(spec.get("eval") or {}, set(EVAL_DEFAULTS), "eval")
+    settings = {**EVAL_DEFAULTS, **ev}
+    return columns, rows, settings, Path(spec.get("output") or "runs/compare")
+
+
+def _task_config() -> Any:
+    from opcd.config import TaskConfig
+
+    return TaskConfig
+
+
+def spec_from_runs(
+    runs: list[str],
+    tasks: list[str] | None = None,
+    *,
+    split: str = "eval",
+    base: str | None = None,
+    output: str | None = None,
+    eval_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The spec of ``opcd compare --runs A B ... [--task T ...]``: the base model without and
+    with the context, then each run's final model; columns: the first run's task (its
+    ``task`` section) and any ``tasks`` named."""
+    from opcd.config import load_config
+
+    if not runs:
+        raise ConfigError("opcd compare --runs needs at least one run folder.")
+    cfgs = []
+    for r in runs:
+        path = Path(r) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{r!r} is not an opcd run folder (no config.yaml).")
+        cfgs.append(load_config(path))
+    first = cfgs[0]
+    own = {k: v for k, v in dataclasses.asdict(first.task).items()
+           if k != "name" and v != getattr(_task_config()(), k)}
+    cols: list[dict[str, Any]] = [{"name": first.task.name, "split": split, "task": own}]
+    for t in tasks or []:
+        if t != first.task.name:
+            cols.append({"name": t, "split": split})
+    model = base or first.model
+    rows: list[dict[str, Any]] = [{"label": "base", "model": model},
+                                  {"label": "in-context", "model": model, "with_context": True}]
+    for r, c in zip(runs, cfgs, strict=True):
+        rows.append({"label": f"{c.method} ({Path(r).name})", "run": r})
+    return {"tasks": cols, "rows": rows, "eval": eval_settings or {},
+            "output": output or "runs/compare"}
+
+
+# --------------------------------------------------------------------------- cache
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_id(model: str, memo: dict[str, Any] | None = None) -> str:
+    """What identifies a model's weights: a hash of its weight files (a local folder or
+    file; memoised by path, size and mtime), else its registry name or hub id."""
+    p = Path(model)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    elif p.is_file():
+        files = [p]
+    else:
+        return f"name:{model}"
+    if not files:
+        raise ConfigError(f"{model!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}).")
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        digest = memo.get(key) if memo is not None else None
+        if digest is None:
+            digest = _sha256_file(f)
+            if memo is not None:
+                memo[key] = digest
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+class _Cache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, OSError, UnicodeDecodeError):
+                data = {}  # a damaged cache is only a slower rerun
+        self.cells: dict[str, Any] = data.get("cells", {}) if isinstance(data, dict) else {}
+        self.hashes: dict[str, Any] = data.get("hashes", {}) if isinstance(data, dict) else {}
+
+    def save(self) -> None:
+        from opcd import checkpoint as ckpt
+
+        ckpt.atomic_write_text(self.path, json.dumps({"cells": self.cells, "hashes": self.hashes},
+                                                     indent=1, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- the table
+def _cell_task(col: Column, row: Row, batch_size: int) -> tuple[Any, dict[str, Any]]:
+    """The task config of a cell (validated) and the part of it that identifies the cell."""
+    from opcd.config import config_from_dict
+    from opcd.experience import read_context_file
+
+    task = {**col.task, "name": col.name}
+    context = None
+    if row.with_context and (row.context is not None or row.context_file is not None):
+        context = row.context if row.context is not None else read_context_file(str(row.context_file))
+        task.pop("context_file", None)
+        task["context"] = context
+    cfg = config_from_dict({"task": task, "rollout": {"batch_size": batch_size}})
+    ident = dataclasses.asdict(cfg.task)
+    if ident.get("context_file"):  # identify a context file by its content, not its path
+        ident["context"] = read_context_file(ident.pop("context_file"))
+    return cfg.task, ident
+
+
+
+
+def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
+                       settings: dict[str, Any]) -> Cell:
+    from opcd.evaluate import evaluate
+
+    res = evaluate(model, tok, task, split=col.split, with_context=row.with_context,
+                   size=settings["size"], max_new_tokens=settings["max_new_tokens"],
+                   temperature=settings["temperature"], seed=settings["seed"],
+                   batch_size=settings["batch_size"])
+    return Cell(res.score, res.stderr, res.n)
+
+
+def compare(
+    spec: str | Path | dict[str, Any],
+    *,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Evaluate every row on every column (cached) and write the table and plots
+    (``opcd compare SPEC.yaml``)."""
+    from opcd import checkpoint as ckpt
+    from opcd.config import read_yaml
+    from opcd.tasks import build_task
+
+    data = read_yaml(spec) if isinstance(spec, (str, Path)) else spec
+    columns, rows, settings, out = parse_spec(data)
+    if output is not None:
+        out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = _Cache(out / "cache.json")
+
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    # plan: every cell's key, so that only missing cells load their model
+    plan: dict[str, list[tuple[Column, Any, str]]] = {}
+    cells: dict[str, dict[str, Cell]] = {r.label: {} for r in rows}
+    wid_of: dict[str, str] = {}
+    for row in rows:
+        if row.model not in wid_of:
+            wid_of[row.model] = weights_id(row.model, cache.hashes)
+        for col in columns:
+            task_cfg, ident = _cell_task(col, row, settings["batch_size"])
+            key = hashlib.sha256(json.dumps({
+                "weights": wid_of[row.model], "task": ident, "split": col.split,
+                "with_context": row.with_context, "eval": settings,
+            }, sort_keys=True).encode()).hexdigest()
+            hit = cache.cells.get(key)
+            if isinstance(hit, dict) and {"score", "stderr", "n"} <= set(hit):
+                cells[row.label][col.label] = Cell(float(hit["score"]), float(hit["stderr"]),
+                                                   int(hit["n"]), cached=True)
+            else:
+                plan.setdefault(row.label, []).append((col, task_cfg, key))
+    evaluated = 0
+    tasks: dict[str, Any] = {}
+    for row in rows:
+        todo = plan.get(row.label)
+        if not todo:
+            continue
+        from opcd.models import load_model
+
+        say(f"loading {row.model} for row {row.label!r} ...")
+        model, tok = load_model(row.model)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        for col, task_cfg, key in todo:
+            tkey = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
+            if tkey not in tasks:
+                tasks[tkey] = build_task(task_cfg)
+            cell = _default_evaluator(model, tok, tasks[tkey], row, col, settings)
+            cells[row.label][col.label] = cell
+            cache.cells[key] = {"score": cell.score, "stderr": cell.stderr, "n": cell.n,
+                                "row": row.label, "model": row.model, "task": col.label}
+            cache.save()  # every finished cell survives an interruption
+            evaluated += 1
+            say(f"{row.label} / {col.label}: {cell.score:.3f} ± {cell.stderr:.3f} (n={cell.n})")
+        del model, tok
+        gc.collect()
+    cache.save()
+    md_path, csv_path = out / "results.md", out / "results.csv"
+    ckpt.atomic_write_text(md_path, format_markdown(rows, columns, cells, settings))
+    ckpt.atomic_write_text(csv_path, format_csv(rows, columns, cells))
+    plot = plot_runs(rows, out / "training.png")
+    return CompareResult(rows, columns, cells, md_path, csv_path, plot, evaluated)
+
+
+def _context_note(row: Row) -> str:
+    if not row.with_context:
+        return "no"
+    if row.context_file:
+        return f"yes ({Path(row.context_file).name})"
+    return "yes (given)" if row.context is not None else "yes"
+
+
+def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dict[str, Cell]],
+                    settings: dict[str, Any]) -> str:
+    """The table in Markdown: one row per model, one column per task/split, mean ± s.e."""
+    head = ["row", "model", "context", *[c.label for c in columns]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = []
+        for c in columns:
+            cell = cells[r.label].get(c.label)
+            vals.append(f"{cell.score:.3f} ± {cell.stderr:.3f}" if cell else "-")
+        model = r.run or r.model
+        lines.append("| " + " | ".join([r.label, f"`{model}`", _context_note(r), *vals]) + " |")
+    where = ", ".join(f"{c.label} = {c.name}/{c.split}" for c in columns)
+    lines += ["", f"Mean ± standard error over n = {settings['size']} examples per cell "
+              f"(at most); {where}; sampling temperature {settings['temperature']}, "
+              f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}."]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[Row], columns: list[Column], cells: dict[str, dict[str, Cell]]) -> str:
+    """The table as CSV: label, model, run, with_context, then mean, stderr and n per column."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["label", "model", "run", "with_context"]
+    for c in columns:
+        head += [f"{c.label} mean", f"{c.label} stderr", f"{c.label} n"]
+    w.writerow(head)
+    for r in rows:
+        vals: list[Any] = [r.label, r.model, r.run or "", r.with_context]
+        for c in columns:
+            cell = cells[r.label].get(c.label)
+            vals += [cell.score, cell.stderr, cell.n] if cell else ["", "", ""]
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def _read_metrics(run: str) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+    return out
+
+
+def plot_runs(rows: list[Row], path: Path) -> Path | None:
+    """Loss (left) and held-out score without context (right) against step, one line per
+    row with a run folder; None (no file) when no row has a metrics.jsonl."""
+    series = [(r.label, _read_metrics(r.run)) for r in rows if r.run]
+    series = [(label, recs) for label, recs in series if recs]
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, recs in series:
+        train = [r for r in recs if r.get("type") == "train" and isinstance(r.get("loss"), (int, float))]
+        evals = [r for r in recs if r.get("type") == "eval" and not r.get("with_context")]
+        if train:
+            ax1.plot([r["step"] for r in train], [r["loss"] for r in train], marker="o", ms=2, label=label)
+        if evals:
+            ax2.errorbar([r["step"] for r in evals], [r["score"] for r in evals],
+                         yerr=[r.get("stderr") or 0.0 for r in evals], marker="o", ms=3, capsize=3,
+                         label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss (each method's own)")
+    ax1.set_title("loss")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("score without context")
+    ax2.set_title("held-out metric")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

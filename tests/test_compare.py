@@ -1,0 +1,104 @@
+"""opcd compare end to end on tiny random models: table (Markdown, CSV), plot, cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer import tiny_config
+
+from opcd.cli import main
+from opcd.compare import compare, parse_spec, weights_id
+from opcd.config import config_from_dict, dump_config
+from opcd.errors import ConfigError
+
+
+def fake_run(tmp_path: Path, model_dir: Path, name: str, method: str) -> Path:
+    """A run folder as `opcd train` leaves it: config.yaml, metrics.jsonl, final/."""
+    cfg = tiny_config(model_dir, tmp_path / f"{name}-data")
+    cfg["method"] = method
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(config_from_dict(cfg)))
+    shutil.copytree(model_dir, run / "final")
+    recs = [{"type": "eval", "step": 0, "score": 0.1, "stderr": 0.05, "n": 3, "with_context": False}]
+    recs += [{"type": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    recs += [{"type": "eval", "step": 3, "score": 0.4, "stderr": 0.1, "n": 3, "with_context": False}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"torn')
+    return run
+
+
+def test_compare_end_to_end(tiny_model_dir: Path, tiny_model_dir_other: Path, tmp_path: Path) -> None:
+    task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
+    extra = {k: v for k, v in task.items() if k != "name"}
+    ood = {**extra, "behaviour": "contains:e"}
+    opcd_run = fake_run(tmp_path, tiny_model_dir_other, "opcd-run", "opcd")
+    off_run = fake_run(tmp_path, tiny_model_dir_other, "off-run", "offpolicy")
+    exp = tmp_path / "exp.txt"
+    exp.write_text("- EXPERIENCE ITEM: answer in French\n")
+    spec = {
+        "tasks": [{"name": "system_prompt", "split": "eval", "label": "in-dist", "task": extra},
+                  {"name": "system_prompt", "split": "train", "label": "OOD", "task": ood}],
+        "rows": [
+            {"label": "base", "model": str(tiny_model_dir)},
+            {"label": "in-context", "model": str(tiny_model_dir), "with_context": True},
+            {"label": "off-policy CD", "run": str(off_run)},
+            {"label": "OPCD", "run": str(opcd_run)},
+            {"label": "experience", "model": str(tiny_model_dir), "with_context": True,
+             "context_file": str(exp)},
+        ],
+        "eval": {"size": 3, "max_new_tokens": 3, "batch_size": 4},
+        "output": str(tmp_path / "out"),
+    }
+    res = compare(spec, progress=False)
+    assert res.evaluated == 10
+    md = res.markdown.read_text()
+    for label in ("base", "in-context", "off-policy CD", "OPCD", "experience", "in-dist", "OOD"):
+        assert label in md
+    assert md.split("\n\n")[0].count(" ± ") == 10
+    table = list(csv.DictReader(res.csv.open()))
+    assert [r["label"] for r in table] == ["base", "in-context", "off-policy CD", "OPCD", "experience"]
+    for r in table:
+        assert 0.0 <= float(r["in-dist mean"]) <= 1.0 and int(r["OOD n"]) == 3
+        assert float(r["in-dist stderr"]) >= 0.0
+    assert res.plot is not None and res.plot.read_bytes()[:4] == b"\x89PNG"
+    # two runs of the same weights (copies) are evaluated, cached under their weights' hash
+    assert weights_id(str(off_run / "final")) == weights_id(str(opcd_run / "final"))
+
+    # rerun through the CLI: every cell from the cache
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", str(spec_path), "--quiet"]) == 0
+    cache = json.loads((tmp_path / "out" / "cache.json").read_text())
+    assert len(cache["cells"]) == 8  # the two runs' copies share their cells
+    again = compare(spec, progress=False)
+    assert again.evaluated == 0
+    assert all(c.cached for row in again.cells.values() for c in row.values())
+    # another context is another cell
+    spec["rows"].append({"label": "other context", "model": str(tiny_model_dir),
+                         "with_context": True, "context": "Reply in German."})
+    assert compare(spec, progress=False).evaluated == 2
+
+
+def test_compare_from_run_folders(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = fake_run(tmp_path, tiny_model_dir, "r1", "offpolicy")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--runs", str(run), "--output", str(out), "--size", "2",
+                 "--max-new-tokens", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| in-context |" in printed and "offpolicy (r1)" in printed
+    assert (out / "results.csv").is_file() and (out / "training.png").is_file()
+
+
+def test_spec_errors() -> None:
+    with pytest.raises(ConfigError, match="needs 'model' or 'run'"):
+        parse_spec({"tasks": ["french"], "rows": [{"label": "x"}]})
+    with pytest.raises(ConfigError, match="unique"):
+        parse_spec({"tasks": ["french"], "rows": [{"label": "a", "model": "m"}] * 2})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_spec({"tasks": ["french"], "rows": [{"model": "m", "ctx": 1}]})
+    assert main(["compare"]) == 2
