@@ -162,3 +162,20 @@ def test_games_are_refused_for_now(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="multi-turn"):
         extract_experience({"task": {"name": "frozenlake"}, "extract": {"dir": str(tmp_path)}},
                            progress=False)
+
+
+def test_extract_command(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from opcd.cli import main
+
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["extract", str(path), "extract.problems=1", "extract.runs=1", "extract.max_new_tokens=2",
+            "extract.val_size=2", f"extract.dir={tmp_path / 'ex'}", "--quiet"]
+    assert main(args) == 0
+    assert "1 updates, 0 read back" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "1 updates, 1 read back" in capsys.readouterr().out
+    assert main(["extract", str(path), "extract.prompt=no placeholders"]) == 2

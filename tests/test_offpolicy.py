@@ -129,3 +129,28 @@ def test_offpolicy_refuses_a_live_teacher() -> None:
         config_from_dict({"method": "offpolicy", "teacher": {"mode": "live"}})
     with pytest.raises(ConfigError, match="offpolicy.loss"):
         config_from_dict({"offpolicy": {"loss": "kl"}})
+
+
+def test_chunked_loss_equals_the_whole_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from opcd.offpolicy import OffPolicyTrainer
+
+    cfg = config_from_dict({**tiny_config(tiny_model_dir, tmp_path, loss={"top_k": 4},
+                                          perf={"loss_chunk_tokens": 3}), "method": "offpolicy"})
+    trainer = OffPolicyTrainer(cfg, progress=False)
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 32)
+    V = trainer.student.get_output_embeddings().weight.shape[0]
+    t_ids = torch.stack([torch.randperm(V)[:4] for _ in range(7)])
+    t_logp = torch.log_softmax(torch.randn(7, 4), -1) - 0.5
+    tokens = t_ids[:, 0]
+    w = torch.full((7,), 1 / 7)
+    results = []
+    for chunked in (True, False):
+        trainer.cfg.perf.chunked_loss = chunked
+        h = hidden.clone().requires_grad_(True)
+        loss, stats = trainer._chunk_loss(h, t_ids, t_logp, tokens, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, stats))
+    (l1, g1, s1), (l2, g2, s2) = results
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-6) and s1[k].shape == (7,) for k in s1)
