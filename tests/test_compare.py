@@ -101,4 +101,6 @@ def test_spec_errors() -> None:
         parse_spec({"tasks": ["french"], "rows": [{"label": "a", "model": "m"}] * 2})
     with pytest.raises(ConfigError, match="unknown keys"):
         parse_spec({"tasks": ["french"], "rows": [{"model": "m", "ctx": 1}]})
+    with pytest.raises(ConfigError, match="no final/ model"):
+        parse_spec({"tasks": ["french"], "rows": [{"run": "/nonexistent/run"}]})
     assert main(["compare"]) == 2

@@ -122,6 +122,11 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
         model = r.get("model") or (str(Path(run) / "final") if run else None)
         if not model:
             raise ConfigError(f"compare spec: rows[{i}] needs 'model' or 'run'.")
+        if run and not r.get("model") and not Path(model).is_dir():
+            raise ConfigError(
+                f"compare spec: rows[{i}]: run folder {run!r} has no final/ model (an unfinished "
+                "run? finish it with `opcd train CONFIG --resume`), or give the row a 'model'."
+            )
         if r.get("context") is not None and r.get("context_file") is not None:
             raise ConfigError(f"compare spec: rows[{i}] sets both 'context' and 'context_file'.")
         label = str(r.get("label") or (Path(run).name if run else model))
