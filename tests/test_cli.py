@@ -63,3 +63,19 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     m = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S)
     assert m, "README must show the test command in a ```bash block after <!-- test-command -->"
     assert m.group(1).strip() in ci
+
+
+def test_demo_command_on_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_model_dir), "--steps", "1", "--run-dir", str(run),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "French rate on" in out and "after OPCD" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["before"] is not None and summary["in_context"] is not None
+    assert len(summary["examples"]) == 3
+    assert (run / "plot.png").is_file() and (run / "metrics.jsonl").is_file()
+    # a second demo never overwrites the first run
+    assert main(["demo", "--model", str(tiny_model_dir), "--steps", "1", "--run-dir", str(run),
+                 "--quiet"]) == 0
+    assert (tmp_path / "demo-2" / "summary.json").is_file()

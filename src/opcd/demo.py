@@ -52,7 +52,8 @@ def demo(
     if cfg.model in REGISTRY:
         pull(cfg.model)
     t_pull = time.perf_counter() - t0
-    result = train(cfg, progress=progress)
+    seen: dict[int, Any] = {}
+    result = train(cfg, progress=progress, on_eval=lambda step, res: seen.__setitem__(step, res))
     evals = [e for e in result.evals if not e["with_context"]]
     ctx = [e for e in result.evals if e["with_context"]]
     summary = {
@@ -64,6 +65,7 @@ def demo(
         "after": {"rate": evals[-1]["score"], "stderr": evals[-1]["stderr"]} if evals else None,
         "in_context": {"rate": ctx[0]["score"], "stderr": ctx[0]["stderr"]} if ctx else None,
         "curve": [(e["step"], e["score"]) for e in evals],
+        "examples": _examples(seen),
         "seconds_total": round(time.perf_counter() - t0, 1),
         "seconds_pull": round(t_pull, 1),
         "run_dir": str(result.run_dir),
@@ -73,6 +75,23 @@ def demo(
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_summary(summary))
     return summary
+
+
+def _examples(seen: dict[int, Any], k: int = 3) -> list[dict[str, str]]:
+    """The first ``k`` held-out prompts with the answers before and after training."""
+    if len(seen) < 2:
+        return []
+    first, last = seen[min(seen)], seen[max(seen)]
+    after = {r["id"]: r["response"] for r in last.records}
+    return [
+        {"prompt": r["prompt"], "before": r["response"], "after": after.get(r["id"], "")}
+        for r in first.records[:k]
+    ]
+
+
+def _short(text: str, n: int = 90) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -88,4 +107,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  with the system prompt (in-context ceiling): {cell(s['in_context'])}",
         f"run folder {s['run_dir']} (plot: {s['plot']}); {s['seconds_total']:.0f} s in all",
     ]
+    for ex in s.get("examples", []):
+        lines += [f"  Q: {_short(ex['prompt'])}", f"    before: {_short(ex['before'])}",
+                  f"    after : {_short(ex['after'])}"]
     return "\n".join(lines)
