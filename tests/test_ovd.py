@@ -296,6 +296,10 @@ def test_suffix_replacement_keeps_the_student_prefix(
         assert t.response_ids == body[:k] + cont + [tok.eos_token_id]
         assert t.teacher_from == k and t.source == "student+teacher"
         assert t.text == tok.decode(body[:k]) + ScriptedTeacher.TEACHER_TEXT
+    # step-level scoring for a played episode: one verdict per assistant turn
+    tr.teacher = ScriptedTeacher(["3", "Score: 8"])
+    turns = [("user", "Rules."), ("assistant", "[down]"), ("user", "Moved."), ("assistant", "[right]")]
+    assert tr.score_turns(ex, turns).scores == [3.0, 8.0]
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -346,6 +350,22 @@ def test_unparseable_scores_are_counted_not_fatal(
     assert m["zero_adv_groups"] == 1.0 and not m["skipped"]  # equal (imputed) rewards: no signal
 
 
+def test_lora_frozen_verbal_teacher_is_the_base_with_the_adapter_off(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = ovd_config(tiny_model_dir, tmp_path, threshold=9)
+    cfg["lora"] = {"enabled": True, "r": 4}
+    cfg["train"]["lr"] = 0.05
+    tr = build_trainer(config_from_dict(cfg), progress=False)
+    assert tr.teacher.separate_model is None  # no second copy of the weights
+    request = [fill_score_prompt(None, "Hello?", "Bonjour.", None)]
+    before = rate(tr.teacher, request, mode="expected").scores
+    for _ in range(2):
+        m = tr.train_step()
+    assert m["replaced_frac"] == 1.0 and m["grad_norm"] > 0
+    assert rate(tr.teacher, request, mode="expected").scores == before  # base weights
+
+
 def test_trainer_class_must_match_the_method(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(ovd_config(tiny_model_dir, tmp_path))
     with pytest.raises(ConfigError, match="build_trainer"):
@@ -378,3 +398,24 @@ def test_group_size_only_checked_for_ovd() -> None:
         config_from_dict({"ovd": {"threshold": 12}})
     cfg = config_from_dict({"method": "ovd", "rollout": {"n": 2}}, ["ovd.threshold=0"])
     assert cfg.method == "ovd" and cfg.ovd.score_mode == "expected" and cfg.ovd.replace == "whole"
+
+
+# ---------------------------------------------------------------------------- memory bench
+def test_bench_ovd_step_next_to_opcd_step(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opcd import bench
+    from opcd.cli import main
+
+    monkeypatch.setattr(bench.BenchSpec, "matmul_seconds", 0.05)
+    spec = bench.BenchSpec(model=str(tiny_model_dir), phases=["step", "update"], modes=["fast", "ovd"])
+    assert [(j["phase"], j["mode"]) for j in bench._jobs(spec)] == [
+        ("step", "fast"), ("step", "ovd"), ("update", "fast")]  # OVD: whole steps only
+    out = tmp_path / "results.md"
+    args = ["bench", "--model", str(tiny_model_dir), "--batch", "4", "--context", "20", "--prompt", "5",
+            "--response", "4", "--micro-batch", "2", "--top-k", "8", "--phases", "step",
+            "--modes", "fast,ovd", "--ovd-group", "2", "--in-process", "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| step | ovd |" in printed and "2 prompts x 2, replaced" in printed
+    assert "peak RSS ovd / opcd (fast):" in printed and "--ovd-group 2" in out.read_text()

@@ -17,6 +17,13 @@ For one model, batch, context length, prompt length and response length it measu
 - ``update``: the update phase alone (forward, backward, loss, optimizer step) on a
   synthetic rollout (random response tokens, no sampling), for its MFU.
 
+Mode ``ovd`` (``--modes fast,ovd``) adds, in the ``step`` phase, whole OVD steps
+(:class:`opcd.ovd_trainer.OvdTrainer`, ``method=ovd`` with the default ``perf`` switches) on
+the same model and number of responses: ``batch // ovd_group`` prompts with
+``ovd_group`` responses each, the frozen student as the verbal teacher, each in its own
+subprocess, so its peak memory stands next to the OPCD step's. Its teacher keeps no
+logits; its replacements are forced to full length too (``ovd.*`` overrides apply).
+
 MFU counts model FLOPs only: the decoder's matmuls (x2 forward; backward x2 more for input
 gradients and x2 for weight gradients of trained weights), causal attention, the output
 heads at response positions (the teacher's too); no recomputation, no padding.
@@ -43,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("teacher", "step", "update")
-MODES = ("fast", "naive")
+MODES = ("fast", "naive", "ovd")
 _RESULT_TAG = "OPCD-BENCH-RESULT "
 
 _WORD_TEXT = (
@@ -72,7 +79,9 @@ class BenchSpec:
     top_k: int = 256
     seed: int = 0
     phases: list[str] = field(default_factory=lambda: ["teacher", "step"])
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: ["fast", "naive"])
+    ovd_group: int = 2
+    """Mode ``ovd``: responses per prompt (rollout.n); the step has ``batch // ovd_group`` prompts."""
     overrides: list[str] = field(default_factory=list)
     """Extra config overrides for the step/update phases (e.g. train.gradient_checkpointing=true)."""
     matmul_seconds: float = 1.5
@@ -309,7 +318,7 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
 
     from opcd.config import config_from_dict
     from opcd.models import load_tokenizer
-    from opcd.trainer import Trainer
+    from opcd.trainer import build_trainer
 
     peak = matmul_gflops(spec.matmul_seconds)
     tok = load_tokenizer(spec.model)
@@ -319,14 +328,19 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
         path = Path(tmp) / "prompts.jsonl"
         path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n"
                                 for i, p in enumerate(prompts)), encoding="utf-8")
-        naive = mode == "naive"
+        naive, ovd = mode == "naive", mode == "ovd"
+        group = spec.ovd_group if ovd else 1
+        if spec.batch < group:
+            raise ValueError(f"mode ovd needs batch >= ovd_group ({spec.batch} < {group})")
+        n_rows = spec.batch // group * group
         cfg = config_from_dict({
             "model": spec.model,
             "task": {"name": "system_prompt", "context": context or None, "prompts": str(path),
                      "behaviour": "contains:the", "eval_fraction": 0.2},
+            "method": "ovd" if ovd else "opcd",
             "rollout": {"max_new_tokens": spec.response, "batch_size": spec.batch,
-                        "max_prompt_tokens": spec.context + spec.prompt + 256},
-            "train": {"batch_size": spec.batch, "micro_batch_size": spec.micro_batch,
+                        "max_prompt_tokens": spec.context + spec.prompt + 256, "n": group},
+            "train": {"batch_size": spec.batch // group, "micro_batch_size": spec.micro_batch,
                       "steps": spec.steps, "lr": 1e-6, "seed": spec.seed},
             "loss": {"top_k": spec.top_k},
             "lora": {"enabled": spec.lora},
@@ -334,7 +348,7 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
             "run": {"dir": str(Path(tmp) / "run"), "plot": False},
         }, spec.overrides)
         torch.manual_seed(spec.seed)
-        trainer = Trainer(cfg, progress=False)
+        trainer = build_trainer(cfg, progress=False)
         vocab = trainer.student.get_output_embeddings().out_features
         rows = []
         with _patched_rollout(spec, phase == "update", min(vocab, len(tok))):
@@ -342,7 +356,7 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
                 t = time.perf_counter()
                 m = trainer.train_step()
                 wall = time.perf_counter() - t
-                n_tok = m["response_len"] * spec.batch
+                n_tok = m["response_len"] * n_rows
                 s_lens = [len(p.student_ids) for p in trainer._prompt_pairs(list(range(spec.batch)))]
                 flops = update_flops(
                     trainer.student, s_lens, [spec.response] * spec.batch,
@@ -350,15 +364,19 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
                     trained_head=any(p.requires_grad for p in
                                      trainer.student.get_output_embeddings().parameters()),
                 )
-                mfu = flops / m["time_update"] / (peak * 1e9)
+                # (the FLOP count includes the OPCD teacher's head: no MFU for OVD)
+                mfu = None if ovd else flops / m["time_update"] / (peak * 1e9)
                 common = {"step": step + 1, "peak_rss": None, "matmul_gflops": peak}
                 if phase == "update":
                     rows.append(_row("update", mode, m["time_update"], n_tok, mfu=mfu,
                                      update_gflop=flops / 1e9, **common))
                     continue
-                rows.append(_row("step", mode, wall, n_tok, **common,
-                                 note=f"step {step + 1}: rollout {m['time_rollout']:.1f}s, teacher "
-                                      f"{m['time_teacher']:.1f}s, update {m['time_update']:.1f}s"))
+                note = (f"step {step + 1}: rollout {m['time_rollout']:.1f}s, teacher "
+                        f"{m['time_teacher']:.1f}s, update {m['time_update']:.1f}s")
+                if ovd:
+                    note += (f"; {n_rows // group} prompts x {group}, replaced "
+                             f"{m['replaced_frac']:.2f}, verbal score {m['verbal_score'] or 0:.2f}")
+                rows.append(_row("step", mode, wall, n_tok, **common, note=note))
                 rows.append(_row("rollout", mode, m["time_rollout"], n_tok, **common))
                 rows.append(_row("teacher (in step)", mode, m["time_teacher"], n_tok, **common))
                 rows.append(_row("update (in step)", mode, m["time_update"], n_tok, mfu=mfu,
@@ -381,8 +399,9 @@ def _jobs(spec: BenchSpec) -> list[dict[str, Any]]:
     for phase in spec.phases:
         if phase == "teacher":
             jobs.append({"phase": "teacher", "mode": "both"})
-        else:
-            jobs.extend({"phase": phase, "mode": m} for m in spec.modes)
+        else:  # OVD is measured as whole steps only
+            jobs.extend({"phase": phase, "mode": m} for m in spec.modes
+                        if not (m == "ovd" and phase == "update"))
     for j in jobs:
         j["spec"] = asdict(spec)
     return jobs
@@ -450,6 +469,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         if sf.get("peak_rss") and sn.get("peak_rss"):
             out.append(f"peak RSS fast / naive: {sf['peak_rss'] / sn['peak_rss']:.2f} "
                        f"({sf['peak_rss'] / 2**30:.2f} vs {sn['peak_rss'] / 2**30:.2f} GiB)")
+    so = find("step", "ovd")
+    base = sf or sn
+    if so and base:
+        label = base["mode"]
+        out.append(f"whole step throughput ovd / opcd ({label}): {so['tok_s'] / base['tok_s']:.2f}x")
+        if so.get("peak_rss") and base.get("peak_rss"):
+            out.append(f"peak RSS ovd / opcd ({label}): {so['peak_rss'] / base['peak_rss']:.2f} "
+                       f"({so['peak_rss'] / 2**30:.2f} vs {base['peak_rss'] / 2**30:.2f} GiB)")
     gf = [r["matmul_gflops"] for r in rows if r.get("matmul_gflops")]
     if gf:
         out.append(f"fp32 matmul throughput measured in the workers: {min(gf):.0f}-{max(gf):.0f} GFLOP/s")

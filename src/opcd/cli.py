@@ -87,12 +87,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, batch=args.batch, context=args.context, prompt=args.prompt,
         response=args.response, micro_batch=args.micro_batch, lora=args.lora, steps=args.steps,
         top_k=args.top_k, seed=args.seed, phases=args.phases.split(","),
-        modes=args.modes.split(","), overrides=list(args.overrides),
+        modes=args.modes.split(","), overrides=list(args.overrides), ovd_group=args.ovd_group,
     )
     flags = [f"--model {shlex.quote(spec.model)}", f"--batch {spec.batch}", f"--context {spec.context}",
              f"--prompt {spec.prompt}", f"--response {spec.response}",
              f"--micro-batch {spec.micro_batch}", f"--steps {spec.steps}", f"--top-k {spec.top_k}",
              f"--phases {args.phases}", f"--modes {args.modes}"]
+    flags += [f"--ovd-group {spec.ovd_group}"] * ("ovd" in spec.modes)
     flags += ["--lora"] * spec.lora + ["--in-process"] * args.in_process
     command = " ".join(["opcd bench", *flags, *(shlex.quote(o) for o in spec.overrides)])
     run(spec, output=args.output or None, command=command, in_process=args.in_process)
@@ -188,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", type=int, default=256)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--phases", default="teacher,step", help="comma list of teacher, step, update")
-    b.add_argument("--modes", default="fast,naive", help="comma list of fast, naive")
+    b.add_argument("--modes", default="fast,naive",
+                   help="comma list of fast, naive, ovd (whole OVD steps, same responses per step)")
+    b.add_argument("--ovd-group", type=int, default=2, help="mode ovd: responses per prompt")
     b.add_argument("--output", default="benchmarks/results.md", help="append results here ('' = no file)")
     b.add_argument("--in-process", action="store_true",
                    help="run every job in this process (faster; peak memory is then shared)")

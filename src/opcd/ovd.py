@@ -35,7 +35,9 @@ One step (:class:`opcd.ovd_trainer.OvdTrainer`):
    one teacher pass per boundary; the half-way cut costs none, and the replaced response is
    scored again as a whole. Teacher text is decoded and re-encoded with the *student's*
    tokenizer (plus the student's end-of-turn token when the teacher finished), so any
-   teacher tokenizer works; only response tokens are trained (:class:`Trajectory`);
+   teacher tokenizer works; only response tokens are trained (:class:`Trajectory`). The
+   teacher writes at most ``ovd.teacher_max_new_tokens`` of its tokens; the re-encoded
+   response is cut at ``max(rollout.max_new_tokens, kept + that)`` student tokens;
 4. update: a reward per response, ``r = w * outcome + (1 - w) * verbal / 9`` (``outcome`` =
    ``task.score``, e.g. exact match for math; ``w = ovd.reward_weight``, by default 1 for
    tasks with an outcome reward and 0 otherwise), group-normalised advantages
