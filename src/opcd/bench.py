@@ -289,7 +289,8 @@ def _teacher_rows(mode: str, t_fwd: float, t_head: float, tokens: int, note: str
 
 def _row(phase: str, mode: str, seconds: float, tokens: float, **extra: Any) -> dict[str, Any]:
     return {"phase": phase, "mode": mode, "seconds": seconds, "tokens": tokens,
-            "tok_s": tokens / seconds if seconds > 0 else float("nan"), **extra}
+            "tok_s": tokens / seconds if seconds > 0 else float("nan"),
+            "load": os.getloadavg()[0], **extra}
 
 
 @contextlib.contextmanager
@@ -480,6 +481,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     gf = [r["matmul_gflops"] for r in rows if r.get("matmul_gflops")]
     if gf:
         out.append(f"fp32 matmul throughput measured in the workers: {min(gf):.0f}-{max(gf):.0f} GFLOP/s")
+    loads = [r["load"] for r in rows if r.get("load") is not None]
+    if loads:
+        out.append(f"1-minute load average when the rows were taken: {min(loads):.1f}-{max(loads):.1f} "
+                   f"(on {os.cpu_count()} CPUs; other work on the machine slows every phase)")
     return out
 
 
