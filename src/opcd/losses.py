@@ -577,9 +577,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         sampled: Tensor | None, fn: TokenLossFn, chunk: int, parts: list[TokenLoss],
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # head gradients are sums over chunks: accumulate half-precision ones in fp32
+        acc = torch.float32 if w_s.dtype in (torch.float16, torch.bfloat16) else w_s.dtype
         grad_h = torch.zeros_like(h_s) if need_h else None
-        grad_w = torch.zeros_like(w_s) if need_w else None
-        grad_b = torch.zeros_like(b_s) if need_b and b_s is not None else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if need_w else None
+        grad_b = (torch.zeros(b_s.shape, dtype=acc, device=b_s.device)
+                  if need_b and b_s is not None else None)
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
         for s in range(0, h_s.shape[0], chunk):
             e = min(s + chunk, h_s.shape[0])
@@ -597,15 +600,18 @@ class _FusedHeadLoss(torch.autograd.Function):
             del z, z_t
             if dz is None:
                 continue
-            dz = dz.to(hs.dtype)
             if grad_h is not None:
-                grad_h[s:e] = dz @ w_s
+                grad_h[s:e] = dz.to(hs.dtype) @ w_s
             if grad_w is not None:
-                grad_w.addmm_(dz.t(), hs)
+                grad_w.addmm_(dz.to(acc).t(), hs.to(acc))
             if grad_b is not None:
-                grad_b += dz.sum(0)
+                grad_b += dz.to(acc).sum(0)
             del dz, tl, lc
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.grads = (
+            grad_h,
+            None if grad_w is None else grad_w.to(w_s.dtype),
+            None if grad_b is None else grad_b.to(b_s.dtype),  # type: ignore[union-attr]
+        )
         return total.to(torch.float64 if h_s.dtype == torch.float64 else torch.float32)
 
     @staticmethod
