@@ -403,3 +403,19 @@ def test_top_p_filter_matches_transformers() -> None:
     for p in (0.1, 0.5, 0.9, 0.999):
         want = TopPLogitsWarper(top_p=p)(None, scores.clone())
         assert torch.equal(_top_p_filter(scores.clone(), p), want)
+
+
+def test_decode_threads_are_restored_and_results_equal(tiny, monkeypatch) -> None:
+    from opcd import rollout
+
+    model, tok = tiny
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    before = torch.get_num_threads()
+    one = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=6)
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OPCD_DECODE_THREADS", "0")  # leave torch's setting
+    assert rollout.decode_threads() == 0
+    same = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=6)
+    assert one.response_ids == same.response_ids
+    monkeypatch.setenv("OPCD_DECODE_THREADS", "x")
+    assert rollout.decode_threads() == 1
