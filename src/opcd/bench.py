@@ -120,6 +120,18 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _rss_high_water() -> int:
+    """Peak resident memory so far (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 def _linear_params(module: Any) -> int:
     from torch import nn
 
@@ -354,6 +366,10 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
         trainer = build_trainer(cfg, progress=False)
         vocab = trainer.student.get_output_embeddings().out_features
         rows = []
+        # Peak memory up to the optimizer step (rollout, teacher, forward/backward of every
+        # micro-batch): what prefix reuse and chunking change. AdamW's state comes after.
+        before_step: list[int] = []
+        trainer.optimizer.register_step_pre_hook(lambda *a: before_step.append(_rss_high_water()))
         with _patched_rollout(spec, phase == "update", min(vocab, len(tok))):
             for step in range(spec.steps):
                 t = time.perf_counter()
@@ -388,6 +404,8 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
     best = max(peak, matmul_gflops(spec.matmul_seconds))  # again at the end: the best of both
     for r in rows:
         r["peak_rss"] = rss
+        if before_step:
+            r["peak_rss_before_optimizer"] = before_step[0]
         r["matmul_gflops"] = best
         if r.get("mfu") is not None:
             r["mfu"] *= peak / best
@@ -444,6 +462,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         notes = r.get("note", "")
         if "max_logp_diff" in r:
             notes = (notes + "; " if notes else "") + f"max |Δ log p| {r['max_logp_diff']:.2e}"
+        if r.get("peak_rss_before_optimizer") and r["phase"] in ("step", "update"):
+            notes = (notes + "; " if notes else "") + (
+                f"peak before the 1st optimizer step {r['peak_rss_before_optimizer'] / 2**30:.2f} GiB")
         if r.get("update_gflop"):
             notes = (notes + "; " if notes else "") + f"{r['update_gflop']:.0f} GFLOP"
         lines.append(
@@ -470,12 +491,18 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
             if naive and fast:
                 out.append(f"{what}, naive / prefix reuse ({label}): "
                            f"{naive['seconds'] / fast['seconds']:.2f}x faster")
+    for phase in ("step", "update"):
+        f_, n_ = find(phase, "fast"), find(phase, "naive")
+        if not (f_ and n_):
+            continue
+        what = "whole step" if phase == "step" else "teacher + update (synthetic rollout)"
+        out.append(f"{what} throughput fast / naive: {f_['tok_s'] / n_['tok_s']:.2f}x")
+        for key, label in (("peak_rss", "peak RSS"),
+                           ("peak_rss_before_optimizer", "peak RSS before the optimizer step")):
+            if f_.get(key) and n_.get(key):
+                out.append(f"{what} {label} fast / naive: {f_[key] / n_[key]:.2f} "
+                           f"({f_[key] / 2**30:.2f} vs {n_[key] / 2**30:.2f} GiB)")
     sf, sn = find("step", "fast"), find("step", "naive")
-    if sf and sn:
-        out.append(f"whole step throughput fast / naive: {sf['tok_s'] / sn['tok_s']:.2f}x")
-        if sf.get("peak_rss") and sn.get("peak_rss"):
-            out.append(f"peak RSS fast / naive: {sf['peak_rss'] / sn['peak_rss']:.2f} "
-                       f"({sf['peak_rss'] / 2**30:.2f} vs {sn['peak_rss'] / 2**30:.2f} GiB)")
     so = find("step", "ovd")
     base = sf or sn
     if so and base:
