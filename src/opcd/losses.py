@@ -177,7 +177,9 @@ def temperature_log_softmax(logits: Tensor, temperature: float) -> Tensor:
     _check_temperature(temperature)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return torch.log_softmax(logits / temperature, dim=-1)
+    if temperature != 1:  # x / 1 == x exactly: no [N, V] copy at the default temperature
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
 
 
 def select_slots(
@@ -393,8 +395,10 @@ def distill_token_loss(
         student_mass = torch.where(valid, s_det.exp(), zero).sum(dim=-1)
         teacher_mass = torch.where(valid, t_slots.exp(), zero).sum(dim=-1)
         full = student_logp.detach()
-        probs = full.exp()
-        entropy = -torch.where(probs > 0, probs * full, torch.zeros_like(full)).sum(dim=-1)
+        # -sum p log p with 0 log 0 = 0, in one [N, V] buffer: where p == 0 the product is
+        # 0 (finite log p) or nan (log p = -inf), and nan becomes 0.
+        prod = full.exp().mul_(full)
+        entropy = -prod.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)
 
     return TokenLoss(
         loss=loss,
