@@ -1,9 +1,11 @@
 """Evaluation: score a model's responses on a task split, with or without the context.
 
-Responses are sampled in batches inside a forked RNG (evaluating in the middle of training
-never changes the training run's random stream); batch ``b`` is seeded from ``seed`` and
-``b``, so each batch's responses do not depend on the batches before it. The result is the
-mean score with its standard error and every response, so runs can be compared and read.
+Responses are sampled in batches, each item with its own generator seeded from ``seed``
+and the item's id (:func:`item_seed`): an item's response does not depend on the batch
+size, on the other items, or on how the items are split between processes (``shard``),
+and evaluating in the middle of training never touches the training run's random stream.
+The result is the mean score with its standard error and every response, so runs can be
+compared and read.
 
 With ``records_path`` an evaluation is resumable: each finished batch's records are
 appended to that JSONL file (flushed and fsynced); run again with the same settings, the
@@ -27,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from opcd import rollout
 from opcd.chat import encode_chat, student_messages, teacher_messages
 from opcd.errors import ConfigError, RunFolderError
-from opcd.tasks.base import Task
+from opcd.tasks.base import Task, derive_seed
 
 
 @dataclass
@@ -64,9 +66,9 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """The sampling seed of evaluation batch ``batch`` (batch 0 uses ``seed`` itself)."""
-    return (seed * 1_000_003 + batch) % (1 << 63)
+def item_seed(seed: int, item_id: str) -> int:
+    """The sampling seed of the evaluation item ``item_id``."""
+    return derive_seed("eval", seed, item_id)
 
 
 class RecordsFile:
@@ -171,15 +173,20 @@ def evaluate(
     batch_size: int = 16,
     records_path: str | Path | None = None,
     records_meta: dict[str, Any] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> EvalResult:
     """Sample one response per example of ``split`` (the first ``size``) and score it.
 
     ``records_path``: a JSONL file that makes the evaluation resumable (see the module
     docstring); ``records_meta`` adds identifying settings (such as the model) to its header.
+    ``shard=(rank, world)``: evaluate only items ``rank::world`` (combine the shards' results
+    with :func:`merge_results`).
     """
     examples = task.examples(split)
     if size is not None:
         examples = examples[:size]
+    rank, world = shard
+    examples = examples[rank::world]
     build = (lambda ex: teacher_messages(task, ex)) if with_context else student_messages
     prompts = [encode_chat(tokenizer, build(ex)) for ex in examples]
     store = None
@@ -188,7 +195,7 @@ def evaluate(
         settings = {
             "task": task.name, "split": split, "with_context": with_context,
             "size": len(examples), "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "seed": seed, "batch_size": batch_size,
+            "temperature": temperature, "seed": seed, "sampling": "per-item",
             **(records_meta or {}),
         }
         store = RecordsFile(records_path, settings)
@@ -202,11 +209,10 @@ def evaluate(
                 results.update({ex.id: done[ex.id] for ex in batch})
                 resumed += len(batch)
                 continue
-            torch.manual_seed(batch_seed(seed, b))
             out = rollout.sample(
                 model, tokenizer, prompts[start : start + batch_size], n=1,
                 temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
+                batch_size=batch_size, seeds=[item_seed(seed, ex.id) for ex in batch],
             )
             new = []
             for i, text in zip(out.prompt_index, out.texts, strict=True):
@@ -224,3 +230,14 @@ def evaluate(
     scores = [float(r["score"]) for r in records]
     mean, se = mean_stderr(scores)
     return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed)
+
+
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """One result from the shards of an evaluation (records in item order, as unsharded)."""
+    first = parts[0]
+    world = len(parts)
+    n = sum(len(p.records) for p in parts)
+    records = [parts[i % world].records[i // world] for i in range(n)]
+    mean, se = mean_stderr([float(r["score"]) for r in records])
+    return EvalResult(first.task, first.split, first.with_context, mean, se, n, records,
+                      sum(p.resumed for p in parts))

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opcd import checkpoint as ckpt
 from opcd import losses, rollout
+from opcd.distributed import Dist
 from opcd.errors import ConfigError
 from opcd.scoring import pack, response_hidden
 from opcd.tasks.base import derive_seed
@@ -160,8 +161,8 @@ class OffPolicyTrainer(Trainer):
 
     method = "offpolicy"
 
-    def __init__(self, cfg: Any, *, progress: bool = True) -> None:
-        super().__init__(cfg, progress=progress)
+    def __init__(self, cfg: Any, *, progress: bool = True, dist: Dist | None = None) -> None:
+        super().__init__(cfg, progress=progress, dist=dist)
         self.store: ResponseStore | None = None
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Teacher:

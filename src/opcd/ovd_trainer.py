@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opcd import losses, rollout
 from opcd.chat import student_messages, teacher_messages
+from opcd.distributed import Dist
 from opcd.ovd import (
     ModelVerbalTeacher,
     Ratings,
@@ -64,8 +65,8 @@ class OvdTrainer(Trainer):
     method = "ovd"
     teacher: VerbalTeacher
 
-    def __init__(self, cfg: Any, *, progress: bool = True) -> None:
-        super().__init__(cfg, progress=progress)
+    def __init__(self, cfg: Any, *, progress: bool = True, dist: Dist | None = None) -> None:
+        super().__init__(cfg, progress=progress, dist=dist)
         o = cfg.ovd
         self.reward_weight = o.reward_weight if o.reward_weight is not None else (
             1.0 if has_outcome_reward(self.task) else 0.0

@@ -4,8 +4,14 @@ Prompts are left-padded and generated in batches with the KV cache (:func:`decod
 prompt is read once, finished rows leave the batch; ``model.generate`` for models whose
 cache is not a plain one); generation stops per row at an end-of-sequence token. A
 response keeps every generated token up to and including the first EOS (the EOS is a
-sampled token and is trained); rows that hit ``max_new_tokens`` are marked truncated. Sampling uses torch's global RNG,
-which the trainer seeds and checkpoints.
+sampled token and is trained); rows that hit ``max_new_tokens`` are marked truncated.
+
+Sampling randomness: with ``seeds`` (one per prompt, as the trainer and evaluation pass),
+every response row draws from its own generator, seeded from its prompt's seed and its
+index among the ``n`` samples. A row's tokens then depend only on the model and its seed,
+not on which other rows share its batch or process: the same run gives the same samples
+whatever ``rollout.batch_size`` or the number of processes (``opcd.distributed``), up to
+the float rounding of different padding. Without ``seeds``, torch's global RNG is used.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from opcd.scoring import prefix_cache_supported, sdpa_gqa
+from opcd.tasks.base import derive_seed
 
 
 @dataclass
@@ -66,15 +73,40 @@ def _top_p_filter(scores: Tensor, top_p: float) -> Tensor:
     return scores.masked_fill(drop, -math.inf)
 
 
-def pick_tokens(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+def pick_tokens(
+    logits: Tensor, temperature: float, top_p: float,
+    generators: list[torch.Generator] | None = None,
+) -> Tensor:
     """Next tokens ``[b]`` from logits ``[b, V]``: greedy at ``temperature == 0``, else
-    sampled from ``softmax(logits / T)`` restricted to the top-p set (torch's global RNG)."""
+    sampled from ``softmax(logits / T)`` restricted to the top-p set.
+
+    ``generators`` (one per row, on the CPU): row ``i`` inverts its CDF at one uniform draw
+    from ``generators[i]``; without them, ``torch.multinomial`` on torch's global RNG.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
     if top_p < 1.0:
         scores = _top_p_filter(scores, top_p)
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
+    probs = scores.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1)[:, 0]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    cdf = probs.double().cumsum(dim=-1)
+    # The first token whose CDF exceeds u * total: zero-probability tokens are never chosen.
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    picked = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return picked.clamp_(max=probs.shape[-1] - 1)
+
+
+def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per row, seeded from ``seeds``."""
+    out = []
+    for s in seeds:
+        g = torch.Generator()
+        g.manual_seed(int(s) % (1 << 63))
+        out.append(g)
+    return out
 
 
 def decode_threads() -> int:
@@ -118,6 +150,7 @@ def decode(
     stop: list[int] | None = None,
     ignore_eos: bool = False,
     threads: int | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """Sample continuations of left-padded prompts with the key/value cache.
 
@@ -125,8 +158,11 @@ def decode(
     position); then one token per live row and step, on ``threads`` CPU threads (default
     :func:`decode_threads`). A row stops at its first ``stop`` token (kept), and finished
     rows leave the batch, so late steps only pay for the rows still generating. Returns the
-    new tokens of every row.
+    new tokens of every row. ``seeds``: one per row (see :func:`pick_tokens`).
     """
+    if seeds is not None and len(seeds) != input_ids.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {input_ids.shape[0]} rows")
+    gens = row_generators(seeds) if seeds is not None else None
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     stop_t = torch.tensor(sorted(set(stop or [])), dtype=torch.long, device=input_ids.device)
@@ -142,7 +178,7 @@ def decode(
     new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     with _cpu_threads(decode_threads() if threads is None else threads, input_ids.device):
         _decode_steps(decoder, head, cache, hidden, mask, next_pos, rows, new, stop_t,
-                      max_new_tokens, temperature, top_p, ignore_eos)
+                      max_new_tokens, temperature, top_p, ignore_eos, gens)
     return new
 
 
@@ -150,12 +186,14 @@ def _decode_steps(
     decoder: nn.Module, head: nn.Module, cache: DynamicCache, hidden: Tensor, mask: Tensor,
     next_pos: Tensor, rows: Tensor, new: list[list[int]], stop_t: Tensor, max_new_tokens: int,
     temperature: float, top_p: float, ignore_eos: bool,
+    gens: list[torch.Generator] | None = None,
 ) -> None:
     for step in range(max_new_tokens):
         logits = head(hidden)
         if ignore_eos and stop_t.numel():
             logits[:, stop_t] = -math.inf
-        tokens = pick_tokens(logits, temperature, top_p)
+        row_gens = None if gens is None else [gens[r] for r in rows.tolist()]
+        tokens = pick_tokens(logits, temperature, top_p, row_gens)
         for r, t in zip(rows.tolist(), tokens.tolist(), strict=True):
             new[r].append(t)
         if step == max_new_tokens - 1:
@@ -188,14 +226,20 @@ def sample(
     batch_size: int = 16,
     ignore_eos: bool = False,
     engine: str = "auto",
+    seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample ``n`` responses per prompt; ``temperature == 0`` means greedy.
 
     ``ignore_eos`` forbids end-of-sequence tokens so every response has exactly
     ``max_new_tokens`` tokens (benchmarks use it for fixed-size steps). ``engine``:
     ``loop`` (:func:`decode`), ``generate`` (``model.generate``) or ``auto`` (``loop``
-    for models with a plain key/value cache, else ``generate``).
+    for models with a plain key/value cache, else ``generate``). ``seeds``: one per prompt;
+    response ``j`` of prompt ``i`` samples with its own generator seeded from
+    ``(seeds[i], j)`` (the ``generate`` engine seeds torch's RNG per batch from them
+    instead, so only the ``loop`` engine is independent of the batch layout).
     """
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if engine not in ("auto", "loop", "generate"):
         raise ValueError(f"engine must be auto, loop or generate, got {engine!r}")
     device = next(model.parameters()).device
@@ -205,6 +249,9 @@ def sample(
     was_training = model.training
     model.eval()
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    row_seeds = None if seeds is None else [
+        derive_seed("row", seeds[i], j) for i in range(len(prompts)) for j in range(n)
+    ]
     out = Rollout([], [], [], [])
     try:
         for start in range(0, len(rows), batch_size):
@@ -219,6 +266,7 @@ def sample(
                 new = decode(
                     model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, stop=stop, ignore_eos=ignore_eos,
+                    seeds=None if row_seeds is None else row_seeds[start : start + batch_size],
                 )
             else:
                 kwargs = dict(
@@ -231,7 +279,13 @@ def sample(
                     kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                with contextlib.ExitStack() as stack:
+                    if row_seeds is not None:
+                        stack.enter_context(torch.random.fork_rng(
+                            devices=[] if device.type != "cuda" else [device]))
+                        torch.manual_seed(derive_seed("batch", *row_seeds[start : start + batch_size]))
+                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         **kwargs)
                 new = gen[:, L:].tolist()
             for (i, _), toks in zip(chunk, new, strict=True):
                 resp, ended = cut_at_eos(toks, stop_set)

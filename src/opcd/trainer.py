@@ -12,6 +12,9 @@ Each step is strictly on-policy:
 Every step is logged to ``metrics.jsonl`` and the terminal; evaluation (without the
 context) runs at the start, every ``eval.every`` steps and at the end; checkpoints are
 written atomically and ``resume=True`` continues a run exactly where it stopped.
+
+Launched on several processes (``accelerate launch -m opcd train ...``), each process takes
+its shard of every step's prompts and the gradients are summed: see :mod:`opcd.distributed`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from opcd import checkpoint as ckpt
 from opcd import losses, rollout
 from opcd.chat import PromptPair, build_prompt_pair
 from opcd.config import Config, config_from_dict, dump_config, flatten, load_config
+from opcd.distributed import Dist
 from opcd.errors import (
     CheckpointError,
     ConfigError,
@@ -46,9 +50,10 @@ from opcd.errors import (
     RunFolderError,
     TrainingInterrupted,
 )
-from opcd.evaluate import EvalResult, evaluate
+from opcd.evaluate import EvalResult, evaluate, merge_results
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.tasks import Task, build_task
+from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
 
 # Keys that may differ between a run and its resumption.
@@ -216,11 +221,23 @@ class MetricsLog:
         return [rec for _, rec in self._lines()]
 
 
+class MainLog(MetricsLog):
+    """The metrics log as seen from one process of a run: only the main process writes."""
+
+    def __init__(self, path: Path, writes: bool) -> None:
+        super().__init__(path)
+        self.writes = writes
+
+    def reset_to(self, step: int) -> None:
+        if self.writes:
+            super().reset_to(step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writes:
+            super().write(record)
+
+
 # --------------------------------------------------------------------------- setup
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def setup_student(cfg: Config, model: nn.Module) -> nn.Module:
     """Apply freezing, LoRA and gradient checkpointing to the loaded student."""
     if cfg.train.freeze_embeddings:
@@ -252,6 +269,32 @@ def setup_student(cfg: Config, model: nn.Module) -> nn.Module:
     return model
 
 
+def rollout_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of the prompt at ``position`` in the global batch of step ``step + 1``.
+
+    Fixed by the run's seed and the prompt's place in the run, never by the process or
+    micro-batch that samples it (see :mod:`opcd.distributed`).
+    """
+    return derive_seed("rollout", seed, step, position)
+
+
+def check_distributed(cfg: Config, dist: Dist) -> None:
+    """Refuse the settings a multi-process run cannot honour, naming the fix."""
+    if not dist.enabled:
+        return
+    if cfg.method != "opcd":
+        raise ConfigError(
+            f"method={cfg.method} runs on one process for now ({dist.world} were launched). "
+            "Launch it without accelerate/torchrun, or use method=opcd."
+        )
+    if cfg.train.batch_size < dist.world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is smaller than the {dist.world} processes "
+            f"launched: every process needs at least one prompt per step. Set train.batch_size "
+            f">= {dist.world} (it is the global batch, split between the processes)."
+        )
+
+
 @dataclass
 class TrainResult:
     """What a finished run produced."""
@@ -273,7 +316,7 @@ class Trainer:
     method = "opcd"
     """The ``cfg.method`` this class runs."""
 
-    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+    def __init__(self, cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> None:
         from opcd.models import check_tokenizers_compatible, load_model
 
         if cfg.method != self.method:
@@ -281,9 +324,11 @@ class Trainer:
                 f"{type(self).__name__} runs method={self.method}, not method={cfg.method}; "
                 "make the trainer with opcd.trainer.build_trainer(cfg)."
             )
+        self.dist = dist or Dist.from_env()
+        check_distributed(cfg, self.dist)
         self.cfg = cfg
-        self.progress = progress
-        self.device = _device()
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
         self._say(f"loading student {cfg.model} ...")
@@ -346,17 +391,23 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         idx = self.order.take(cfg.train.batch_size)
-        pairs = self._prompt_pairs(idx)
+        mine = self.dist.shard(len(idx))  # this process's positions in the global batch
+        pairs = self._prompt_pairs([idx[i] for i in mine])
         roll = rollout.sample(
             self.student, self.tokenizer, [p.student_ids for p in pairs], n=cfg.rollout.n,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+            seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
         )
         t_rollout = time.perf_counter() - t0
 
         responses = roll.response_ids
-        total_tokens = float(sum(len(r) for r in responses))
-        total_seqs = float(sum(1 for r in responses if r))
+        # Normalised over the whole (global) batch: summing the processes' gradients then
+        # gives the one-process gradient.
+        total_tokens, total_seqs, n_rows, n_truncated = self.dist.sum_floats([
+            sum(len(r) for r in responses), sum(1 for r in responses if r), len(responses),
+            sum(roll.truncated),
+        ])
         sums = {"kl": 0.0, "entropy": 0.0, "s_mass": 0.0, "t_mass": 0.0, "loss": 0.0}
         t_teacher = 0.0
         t_update_start = time.perf_counter()
@@ -426,9 +477,10 @@ class Trainer:
             sums["s_mass"] += float(tl.student_topk_mass.sum())
             sums["t_mass"] += float(tl.teacher_topk_mass.sum())
             del student_logits, s_flat, t_flat, tl, per_token, loss
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.student.parameters() if p.requires_grad], cfg.train.max_grad_norm
-        ))
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.dist.sum_gradients(trainable)
+        sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
         # A non-finite loss or gradient norm would poison the weights and AdamW's moments:
         # that update is dropped (gradients cleared, no optimiser step) and reported.
         skip_reason = non_finite_reason(sums["loss"], grad_norm)
@@ -448,14 +500,15 @@ class Trainer:
             "student_topk_mass": sums["s_mass"] / tokens,
             "teacher_topk_mass": sums["t_mass"] / tokens,
             "grad_norm": float(grad_norm),
-            "response_len": total_tokens / max(len(responses), 1),
-            "truncated_frac": sum(roll.truncated) / max(len(responses), 1),
+            "response_len": total_tokens / max(n_rows, 1),
+            "truncated_frac": n_truncated / max(n_rows, 1),
             "time_rollout": t_rollout,
             "time_teacher": t_teacher,
             "time_update": t_update,
             "time_step": elapsed,
             "tokens_per_s": total_tokens / elapsed,
             "lr": cfg.train.lr,
+            "processes": self.dist.world,
             "sample": roll.texts[0][:200] if roll.texts else "",
             "skipped": skip_reason is not None,
             **({"skip_reason": skip_reason,
@@ -490,16 +543,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, with_context: bool = False) -> EvalResult:
+        """The eval split without (or with) the context; each process scores its shard."""
         e = self.cfg.eval
-        return evaluate(
+        part = evaluate(
             self.student, self.tokenizer, self.task, split="eval", with_context=with_context,
             size=e.size, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
             seed=e.seed, batch_size=self.cfg.rollout.batch_size,
+            shard=(self.dist.rank, self.dist.world),
         )
+        return merge_results(self.dist.gather(part)) if self.dist.enabled else part
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: Path, rng: dict[str, Any]) -> Path:
-        """Checkpoint the state at the end of step ``self.step`` (``rng``: the RNGs then)."""
+        """Checkpoint the state at the end of step ``self.step`` (``rng``: the RNGs then).
+
+        Only the main process writes (every process holds the same weights and optimiser).
+        """
+        if not self.dist.is_main:
+            return run_dir / "checkpoints" / ckpt.checkpoint_name(self.step)
         return ckpt.save_checkpoint(
             run_dir / "checkpoints", self.step, self.student, self.tokenizer, self.optimizer,
             {"data": self.order.state(), "rng": rng, "consecutive_skips": self.consecutive_skips},
@@ -535,6 +596,8 @@ class Trainer:
 
     def save_final(self, run_dir: Path) -> Path:
         """Save the trained student as a plain HF model (LoRA merged) in ``run_dir/final``."""
+        if not self.dist.is_main:
+            return run_dir / "final"
         model = self.student
         if self.cfg.lora.enabled:
             model = model.merge_and_unload()  # type: ignore[operator]
@@ -557,17 +620,17 @@ def _format_step(m: dict[str, Any]) -> str:
     )
 
 
-def build_trainer(cfg: Config, *, progress: bool = True) -> Trainer:
+def build_trainer(cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> Trainer:
     """The trainer of ``cfg.method``: :class:`Trainer` (opcd) or :class:`opcd.ovd_trainer.OvdTrainer`."""
     if cfg.method == "ovd":
         from opcd.ovd_trainer import OvdTrainer
 
-        return OvdTrainer(cfg, progress=progress)
+        return OvdTrainer(cfg, progress=progress, dist=dist)
     if cfg.method == "offpolicy":
         from opcd.offpolicy import OffPolicyTrainer
 
-        return OffPolicyTrainer(cfg, progress=progress)
-    return Trainer(cfg, progress=progress)
+        return OffPolicyTrainer(cfg, progress=progress, dist=dist)
+    return Trainer(cfg, progress=progress, dist=dist)
 
 
 def _as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
@@ -667,9 +730,23 @@ def train(
     """
     cfg = _as_config(config, overrides)
     build_task(cfg.task)  # bad data is reported before anything is written
-    run_dir = prepare_run_dir(cfg, resume, overwrite)  # and an unusable folder before loading
+    dist = Dist.from_env()
+    check_distributed(cfg, dist)
+    # An unusable folder is reported before loading; only the main process writes it.
+    failure: str | None = None
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main:
+        try:
+            run_dir = prepare_run_dir(cfg, resume, overwrite)
+        except RunFolderError as e:
+            failure = str(e)
+            dist.broadcast(failure)
+            raise
+    failure = dist.broadcast(failure)
+    if failure is not None:
+        raise RunFolderError(failure)
     with StopSignals() as stop:
-        return _run(cfg, run_dir, resume, progress, on_eval, stop)
+        return _run(cfg, run_dir, resume, progress, on_eval, stop, dist)
 
 
 def _run(
@@ -679,13 +756,19 @@ def _run(
     progress: bool,
     on_eval: Callable[[int, EvalResult], None] | None,
     stop: StopSignals,
+    dist: Dist,
 ) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    trainer = build_trainer(cfg, progress=progress)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    if not dist.is_main:
+        dist.barrier()  # the main process loads first (a model pull happens once)
+    trainer = build_trainer(cfg, progress=progress, dist=dist)
+    if dist.is_main:
+        dist.barrier()
+    log = MainLog(run_dir / "metrics.jsonl", dist.is_main)
     start = trainer.restore(run_dir) if resume else 0
-    ckpt.clean_stale(run_dir)
+    if dist.is_main:
+        ckpt.clean_stale(run_dir)
     log.reset_to(start)  # records past the checkpoint are recomputed, exactly once
     if resume:
         trainer._say(f"resumed {run_dir} at step {start}" if start
@@ -700,7 +783,8 @@ def _run(
         if on_eval:
             on_eval(step, res)
 
-    if start == 0 and stop.signum is None:  # (a signal while loading: stop before evaluating)
+    stopping = dist.any(stop.signum is not None)  # the same decision on every process
+    if start == 0 and not stopping:  # (a signal while loading: stop before evaluating)
         if cfg.eval.with_context:
             res = trainer.evaluate(with_context=True)
             log.write({"type": "eval", "step": 0, "score": res.score, "stderr": res.stderr,
@@ -709,14 +793,14 @@ def _run(
         run_eval(0)
 
     steps = cfg.train.steps
-    bar = tqdm(total=steps, initial=start, desc=cfg.method, unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=cfg.method, unit="step",
+               disable=not (progress and dist.is_main), file=sys.stderr, dynamic_ncols=True)
     save_every = cfg.run.save_every
     limit = cfg.train.max_consecutive_skips
     bad: list[dict[str, Any]] = []  # the current run of skipped steps
     saved: Path | None = None
     try:
-        while trainer.step < steps and stop.signum is None:
+        while trainer.step < steps and not stopping:
             m = trainer.train_step()
             log.write(m)
             bar.update(1)
@@ -734,17 +818,19 @@ def _run(
                 bad.clear()
                 trainer._say(trainer.format_step(m))
             done = trainer.step >= steps
+            stopping = dist.any(stop.signum is not None)
             if done or (cfg.eval.every and trainer.step % cfg.eval.every == 0):
                 run_eval(trainer.step)
-            if done or (save_every and trainer.step % save_every == 0) or stop.signum is not None:
+            if done or (save_every and trainer.step % save_every == 0) or stopping:
                 saved = trainer.save(run_dir, ckpt.rng_state())
     finally:
         bar.close()
-    if stop.signum is not None and trainer.step < steps:
-        raise _interrupted(stop.signum, run_dir, trainer.step, saved)
+    if stopping and trainer.step < steps:
+        raise _interrupted(stop.signum or signal.SIGTERM, run_dir, trainer.step, saved)
     final = trainer.save_final(run_dir)
+    dist.barrier()  # the final model and metrics are complete before any process returns
     history = log.read()
-    if cfg.run.plot:
+    if cfg.run.plot and dist.is_main:
         from opcd.plot import plot_run
 
         plot_run(history, run_dir / "plot.png", title=f"{cfg.method.upper()} run")

@@ -1,0 +1,177 @@
+"""Data-parallel runs (opcd.distributed): 2 processes under ``accelerate launch`` (gloo on the
+CPU) against one process with the same global batch, and resuming across process counts.
+
+The launched runs are real child processes (``accelerate launch --multi_gpu --num_processes 2
+-m opcd train``); the one-process references run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_trainer import tiny_config, weights
+
+from opcd import rollout
+from opcd.config import config_from_dict
+from opcd.distributed import Dist, launched
+from opcd.errors import ConfigError
+from opcd.evaluate import EvalResult, merge_results
+from opcd.trainer import check_distributed, train
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_single_process_is_a_no_op() -> None:
+    d = Dist()
+    assert not d.enabled and d.is_main and d.shard(5) == [0, 1, 2, 3, 4]
+    assert d.sum_floats([1.5, 2.0]) == [1.5, 2.0] and d.gather("x") == ["x"]
+    assert d.broadcast(7) == 7 and not d.any(False) and d.any(True)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    d.sum_gradients([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_shards_cover_the_batch_once() -> None:
+    shards = [Dist(r, 3).shard(8) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(8))
+    assert shards[0] == [0, 3, 6] and shards[2] == [2, 5]
+
+
+def test_launched_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert not launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched()
+
+
+def test_fsdp_launch_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP.*data parallel"):
+        Dist.from_env()
+
+
+def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path))
+    check_distributed(cfg, Dist(0, 2))  # batch 4 on 2 processes: fine
+    check_distributed(cfg, Dist())  # anything goes on one process
+    with pytest.raises(ConfigError, match=r"train.batch_size=4 .* 8 processes"):
+        check_distributed(cfg, Dist(0, 8))
+    ovd = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=ovd", "rollout.n=2"])
+    with pytest.raises(ConfigError, match="method=ovd runs on one process"):
+        check_distributed(ovd, Dist(1, 2))
+
+
+def test_merge_results_restores_item_order() -> None:
+    def part(ids: list[int], scores: list[float]) -> EvalResult:
+        recs = [{"id": f"e{i}", "score": s} for i, s in zip(ids, scores, strict=True)]
+        return EvalResult("t", "eval", False, 0.0, 0.0, len(recs), recs)
+
+    merged = merge_results([part([0, 2, 4], [1, 0, 1]), part([1, 3], [1, 1])])
+    assert [r["id"] for r in merged.records] == ["e0", "e1", "e2", "e3", "e4"]
+    assert merged.n == 5 and merged.score == pytest.approx(0.8)
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(tiny: Any) -> None:
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ("hello there", "a much longer prompt than that", "hi")]
+    seeds = [11, 22, 33]
+    kw = dict(n=2, temperature=1.0, max_new_tokens=8)
+    together = rollout.sample(model, tok, prompts, seeds=seeds, batch_size=6, **kw)
+    alone = [rollout.sample(model, tok, [p], seeds=[s], batch_size=1, **kw) for p, s in
+             zip(prompts, seeds, strict=True)]
+    assert together.response_ids == [r for a in alone for r in a.response_ids]
+    other = rollout.sample(model, tok, prompts, seeds=[12, 22, 33], batch_size=6, **kw)
+    assert other.response_ids[2:] == together.response_ids[2:]
+    assert other.response_ids[:2] != together.response_ids[:2]
+
+
+def test_seeded_sampling_follows_the_distribution() -> None:
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.8])
+    logits = probs.clamp_min(1e-30).log().expand(4000, 4)
+    picked = rollout.pick_tokens(logits, 1.0, 1.0, rollout.row_generators(list(range(4000))))
+    counts = torch.bincount(picked, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0  # zero-probability tokens never come out
+    assert abs(counts[3].item() / 4000 - 0.8) < 0.03
+
+
+# ---------------------------------------------------------------------------- 2 processes
+
+
+def _launch(cfg: dict[str, Any], folder: Path, *, resume: bool = False) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2 -m opcd train`` on ``cfg``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_file = folder / f"launch-{'resume' if resume else 'start'}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0", "-m", "opcd", "train", str(cfg_file), "--quiet",
+           *(["--resume"] if resume else [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], moved_from: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - moved_from[k]).abs().max()) for k in a)
+    assert moved > 1e-3, "training did not change the weights: the comparison would be empty"
+    assert worst < 1e-4, f"weights differ by {worst} (training moved them by {moved})"
+
+
+def test_two_processes_equal_one_and_resume_across_counts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    initial = weights(tiny_model_dir)
+    base = {"train": {"steps": 4, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2},
+            "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
+
+    def cfg(name: str, steps: int) -> dict[str, Any]:
+        c = tiny_config(tiny_model_dir, tmp_path / name, **{k: dict(v) for k, v in base.items()})
+        c["train"]["steps"] = steps
+        return c
+
+    # The reference: one process, 4 steps, a checkpoint at step 2.
+    one = train(cfg("one", 4), progress=False).run_dir
+    one_at_2 = weights(one / "checkpoints" / "step-000002" / "model")
+    one_final = weights(one / "final")
+
+    # Two processes, 2 steps: the same weights as one process at step 2 ...
+    two = cfg("two", 2)
+    _launch(two, tmp_path / "two")
+    two_dir = Path(two["run"]["dir"])
+    _assert_close(weights(two_dir / "final"), one_at_2, initial)
+    recs = [json.loads(r) for r in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in recs if r["type"] == "train"] == [2, 2]
+    assert len([r for r in recs if r["type"] == "eval"]) == 2  # step 0 and the end, written once
+    # ... resumed on ONE process to step 4: the weights of the uninterrupted run.
+    shutil.rmtree(two_dir / "final")
+    two["train"]["steps"] = 4
+    train(two, resume=True, progress=False)
+    _assert_close(weights(two_dir / "final"), one_final, initial)
+
+    # One process to step 2, resumed on TWO processes to step 4: the same again.
+    mixed = cfg("mixed", 2)
+    train(mixed, progress=False)
+    mixed["train"]["steps"] = 4
+    _launch(mixed, tmp_path / "mixed", resume=True)
+    mixed_dir = Path(mixed["run"]["dir"])
+    recs = [json.loads(r) for r in (mixed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in recs if r["type"] == "train"] == [1, 1, 2, 2]
+    _assert_close(weights(mixed_dir / "final"), one_final, initial)
