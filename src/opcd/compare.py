@@ -186,6 +186,10 @@ def spec_from_runs(
 
 
 # --------------------------------------------------------------------------- cache
+EVAL_SAMPLING = "per-item-v2"
+"""Part of every cell's key: how evaluation samples and scores (per-item seeds; games
+played as whole episodes). Changing it invalidates cached cells computed another way."""
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -305,6 +309,7 @@ def compare(
             key = hashlib.sha256(json.dumps({
                 "weights": wid_of[row.model], "task": ident, "split": col.split,
                 "with_context": row.with_context, "eval": settings,
+                "sampling": EVAL_SAMPLING,
             }, sort_keys=True).encode()).hexdigest()
             hit = cache.cells.get(key)
             if isinstance(hit, dict) and {"score", "stderr", "n"} <= set(hit):

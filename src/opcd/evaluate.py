@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from opcd import rollout
 from opcd.chat import encode_chat, student_messages, teacher_messages
 from opcd.errors import ConfigError, RunFolderError
+from opcd.multiturn import is_multiturn, play
 from opcd.tasks.base import Task, derive_seed
 
 
@@ -209,10 +210,19 @@ def evaluate(
                 results.update({ex.id: done[ex.id] for ex in batch})
                 resumed += len(batch)
                 continue
+            seeds = [item_seed(seed, ex.id) for ex in batch]
+            if is_multiturn(task):
+                new = _play_batch(model, tokenizer, task, batch, seeds, b, with_context=with_context,
+                                  temperature=temperature, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+                if store is not None:
+                    store.append([r for r in new if r["id"] not in done])
+                results.update({r["id"]: r for r in new})
+                continue
             out = rollout.sample(
                 model, tokenizer, prompts[start : start + batch_size], n=1,
                 temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, seeds=[item_seed(seed, ex.id) for ex in batch],
+                batch_size=batch_size, seeds=seeds,
             )
             new = []
             for i, text in zip(out.prompt_index, out.texts, strict=True):
@@ -223,13 +233,33 @@ def evaluate(
             if store is not None:
                 store.append([r for r in new if r["id"] not in done])
             results.update({r["id"]: r for r in new})
-    records = [
-        {k: results[ex.id][k] for k in ("id", "prompt", "response", "score") if k in results[ex.id]}
-        for ex in examples
-    ]
+    keep = ("id", "prompt", "response", "score", "moves", "invalid_moves")
+    records = [{k: results[ex.id][k] for k in keep if k in results[ex.id]} for ex in examples]
     scores = [float(r["score"]) for r in records]
     mean, se = mean_stderr(scores)
     return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed)
+
+
+def _play_batch(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, batch: list[Any],
+    seeds: list[int], b: int, *, with_context: bool, temperature: float, max_new_tokens: int,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """Multi-turn tasks (games): play each item's episode to its end; score 1 on success.
+
+    ``max_new_tokens`` is per reply; the record's response is the whole conversation after
+    the first prompt (replies and observations).
+    """
+    played = play(model, tokenizer, task, batch, seeds, with_context=with_context,
+                  temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  max_prompt_tokens=1 << 30)
+    new = []
+    for ex, ep in zip(batch, played.episodes, strict=True):
+        transcript = "\n".join(f"[{role}] {text}" for role, text in ep.turns[1:])
+        new.append({"id": ex.id, "prompt": ex.prompt, "response": transcript,
+                    "score": float(ep.success), "moves": ep.moves,
+                    "invalid_moves": ep.invalid_moves, "batch": b})
+    return new
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:

@@ -51,6 +51,7 @@ from opcd.errors import (
     TrainingInterrupted,
 )
 from opcd.evaluate import EvalResult, evaluate, merge_results
+from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
@@ -392,13 +393,26 @@ class Trainer:
         t0 = time.perf_counter()
         idx = self.order.take(cfg.train.batch_size)
         mine = self.dist.shard(len(idx))  # this process's positions in the global batch
-        pairs = self._prompt_pairs([idx[i] for i in mine])
-        roll = rollout.sample(
-            self.student, self.tokenizer, [p.student_ids for p in pairs], n=cfg.rollout.n,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-            seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
-        )
+        episode_figures: dict[str, float] = {}
+        if is_multiturn(self.task):
+            # Games: the student plays whole episodes; every reply it generated is a row.
+            played = play_for_training(
+                self.student, self.tokenizer, self.task, [self.train_examples[idx[i]] for i in mine],
+                mine, seed=cfg.train.seed, step=self.step, n=cfg.rollout.n,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
+            )
+            pairs, roll = played.pairs, played.rollout
+            episode_figures = self._global_episode_figures(played)
+        else:
+            pairs = self._prompt_pairs([idx[i] for i in mine])
+            roll = rollout.sample(
+                self.student, self.tokenizer, [p.student_ids for p in pairs], n=cfg.rollout.n,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
+            )
         t_rollout = time.perf_counter() - t0
 
         responses = roll.response_ids
@@ -509,11 +523,23 @@ class Trainer:
             "tokens_per_s": total_tokens / elapsed,
             "lr": cfg.train.lr,
             "processes": self.dist.world,
+            **episode_figures,
             "sample": roll.texts[0][:200] if roll.texts else "",
             "skipped": skip_reason is not None,
             **({"skip_reason": skip_reason,
                 "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
         }
+
+    def _global_episode_figures(self, played: EpisodeRollout) -> dict[str, float]:
+        """Success rate, moves and invalid moves of the step's episodes (all processes)."""
+        eps = played.episodes
+        won, moves, invalid, n, rows = self.dist.sum_floats([
+            sum(e.success for e in eps), sum(e.moves for e in eps),
+            sum(e.invalid_moves for e in eps), len(eps), len(played.pairs),
+        ])
+        n = max(n, 1.0)
+        return {"episode_success": won / n, "episode_moves": moves / n,
+                "invalid_moves": invalid, "trained_turns": rows}
 
     def _token_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled: torch.Tensor
