@@ -1,0 +1,13 @@
+#!/bin/bash
+# The safety rows of docs/results.md, on this 2-core CPU: OPCD, off-policy CD and OVD with
+# the same prompts, steps, learning rate and LoRA settings, then one comparison table.
+# Usage: bash scripts/study/run_safety.sh   (from the repository root, opcd installed)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cfg=scripts/study/safety_opcd.yaml
+time opcd train "$cfg" --overwrite --quiet
+time opcd train "$cfg" method=offpolicy run.dir=runs/study/safety-offpolicy --overwrite --quiet
+# OVD: 4 prompts x a group of 2 = the same 8 rollouts per step; expected score (no generation).
+time opcd train "$cfg" method=ovd train.batch_size=4 rollout.n=2 run.dir=runs/study/safety-ovd \
+    --overwrite --quiet
+time opcd compare scripts/study/compare_safety.yaml
