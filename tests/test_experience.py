@@ -157,11 +157,24 @@ def test_extraction_with_the_model_itself(tiny_model_dir: Path, tmp_path: Path) 
     assert res.experience_path.read_text() == ""
 
 
-def test_games_are_refused_for_now(tmp_path: Path) -> None:
-    pytest.importorskip("gymnasium")
-    with pytest.raises(ConfigError, match="multi-turn"):
-        extract_experience({"task": {"name": "frozenlake"}, "extract": {"dir": str(tmp_path)}},
-                           progress=False)
+def test_games_extract_from_played_episodes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, rollout={"max_new_tokens": 3})
+    cfg["task"] = {"name": "frozenlake", "train_size": 3, "eval_size": 2, "test_size": 2}
+    cfg["extract"] = {"problems": 2, "runs": 1, "max_new_tokens": 4, "dir": str(tmp_path / "x")}
+    requests: list[str] = []
+
+    def writer(request: str) -> str:
+        requests.append(request)
+        return f"{M} look before you step"
+
+    res = extract_experience(cfg, progress=False, writer=writer)
+    assert res.updates_done == 2 and res.items == ["look before you step"]
+    # The "output" shown to the extractor is the played episode: moves and the
+    # environment's answers, ending when the move budget is used up or the game ends.
+    out = requests[0].split("Output: ", 1)[1]
+    assert out.startswith("Move: ") and "Environment: Move 1/5" in out
+    trace = [json.loads(x) for x in res.trace_path.read_text().splitlines()]
+    assert trace[1]["baseline"] is True and trace[1]["val_n"] == 2  # episodes played
 
 
 def test_extract_command(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

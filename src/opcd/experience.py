@@ -23,7 +23,10 @@ baseline, then one line per update with its experience and validation score) and
 sample is seeded from (run seed, update), so a restart skips the finished updates and
 gives the same result as an uninterrupted extraction.
 
-Multi-turn tasks (the text games) need the episode loop for step 2 and are refused.
+Games (multi-turn): step 2 plays the problem's episode without experience
+(``rollout.max_new_tokens`` per move), and the "Output" shown is the whole play: each move
+and the environment's answer to it (which tells when a hole ended it or the goal was
+reached). Validation plays episodes too (success rate).
 """
 
 from __future__ import annotations
@@ -222,6 +225,18 @@ class ContextOverride:
     def check_split(self, split: str) -> None:
         self.base.check_split(split)
 
+    # Games: the same episodes, with this context shown when ``with_context``.
+    def new_episode(self, example: Any) -> Any:
+        return self.base.new_episode(example)
+
+    def messages(self, example: Any, turns: Any, *, with_context: bool) -> list[dict[str, str]]:
+        from opcd.tasks.episodes import conversation_messages
+
+        return conversation_messages(
+            turns, context=self._context if with_context else None,
+            placement=self.placement, user_template=self.user_template,
+        )
+
     def describe(self) -> str:
         return f"{self.base.describe()} (context overridden)"
 
@@ -310,6 +325,19 @@ def _generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, see
     return out.texts[0]
 
 
+def _play_transcript(model: Any, tokenizer: Any, task: Any, example: Any, *, seed: int,
+                     temperature: float, max_new_tokens: int) -> str:
+    """Games: play ``example``'s episode without experience; its moves and the environment's
+    answers (which say when the goal is reached or a hole ends it) as one text."""
+    from opcd.multiturn import play
+
+    played = play(model, tokenizer, task, [example], [seed], temperature=temperature,
+                  max_new_tokens=max_new_tokens, batch_size=1, max_prompt_tokens=1 << 30)
+    turns = played.episodes[0].turns[1:]
+    return "\n".join(f"{'Move' if role == 'assistant' else 'Environment'}: {text.strip()}"
+                     for role, text in turns)
+
+
 def extract_experience(
     config: Any,
     overrides: list[str] | None = None,
@@ -338,12 +366,9 @@ def extract_experience(
     cfg = _as_config(config, overrides)
     x, ev = cfg.extract, cfg.eval
     task = build_task(cfg.task)  # its own context is never shown: the experience replaces it
-    if getattr(task, "multi_turn", False):
-        raise ConfigError(
-            f"opcd extract supports single-turn tasks; {task.name!r} is played as multi-turn "
-            "episodes, whose extraction (the history with the environment's feedback) is not "
-            "implemented yet."
-        )
+    from opcd.multiturn import is_multiturn
+
+    games = is_multiturn(task)
     train_ex = task.examples("train")
     task.examples("eval")
     out_dir = Path(x.dir)
@@ -409,8 +434,14 @@ def extract_experience(
                     bar.update(1)
                     continue
                 ex = train_ex[i]
-                solution = _generate(model, tok, student_messages(ex), seed=derive_seed("solve", run_seed, u),
-                                     temperature=x.temperature, max_new_tokens=x.max_new_tokens)
+                if games:
+                    solution = _play_transcript(model, tok, task, ex, seed=derive_seed("solve", run_seed, u),
+                                                temperature=x.temperature,
+                                                max_new_tokens=cfg.rollout.max_new_tokens)
+                else:
+                    solution = _generate(model, tok, student_messages(ex),
+                                         seed=derive_seed("solve", run_seed, u),
+                                         temperature=x.temperature, max_new_tokens=x.max_new_tokens)
                 request = fill_prompt(template, experience=exp.numbered(), problem=ex.prompt,
                                       solution=solution, marker=x.marker)
                 if writer is not None:
