@@ -104,3 +104,20 @@ def test_spec_errors() -> None:
     with pytest.raises(ConfigError, match="no final/ model"):
         parse_spec({"tasks": ["french"], "rows": [{"run": "/nonexistent/run"}]})
     assert main(["compare"]) == 2
+
+
+def test_details_tables_in_markdown_and_csv() -> None:
+    from opcd.compare import Cell, Column, Row, format_csv, format_markdown
+
+    cols = [Column("safety (test)", "safety", "test")]
+    rows = [Row("base", "m"), Row("OPCD", "m", run="runs/x")]
+    cells = {"base": {"safety (test)": Cell(0.5, 0.1, 8, details={"refusal_rate": 0.25,
+                                                                   "parse_failures": 3.0})},
+             "OPCD": {"safety (test)": Cell(0.75, 0.1, 8, details={"refusal_rate": 0.5})}}
+    md = format_markdown(rows, cols, cells, {"size": 8, "temperature": 1.0, "max_new_tokens": 8,
+                                             "seed": 1})
+    assert "safety (test), details:" in md
+    assert "| base | 3 | 0.250 |" in md and "| OPCD | - | 0.500 |" in md
+    csv_text = format_csv(rows, cols, cells)
+    head = csv_text.splitlines()[0].split(",")
+    assert "safety (test) refusal_rate" in head and "safety (test) parse_failures" in head

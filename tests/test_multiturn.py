@@ -104,3 +104,12 @@ def test_single_turn_tasks_are_not_multiturn(tiny_model_dir: Path, tmp_path: Pat
     from opcd.config import config_from_dict
 
     assert not is_multiturn(build_task(config_from_dict(tiny_config(tiny_model_dir, tmp_path)).task))
+
+
+def test_game_evaluation_reports_moves_and_invalid_moves(tiny: Any) -> None:
+    model, tok = tiny
+    res = evaluate(model, tok, _game(), split="eval", size=2, max_new_tokens=4, batch_size=2)
+    assert set(res.details) == {"mean_moves", "invalid_moves"}
+    assert res.details["mean_moves"] == sum(r["moves"] for r in res.records) / 2
+    assert res.details["invalid_moves"] == sum(r["invalid_moves"] for r in res.records)
+    assert "mean_moves" in res.details_line()

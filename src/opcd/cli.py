@@ -51,6 +51,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"records in {args.output_jsonl} ({res.resumed} of {res.n} read back from an "
               "earlier run)")
     print(res.summary())
+    if res.details:
+        print(f"  {res.details_line()}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(res.to_dict(), f, indent=1, ensure_ascii=False)

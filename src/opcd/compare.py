@@ -70,6 +70,8 @@ class Cell:
     stderr: float
     n: int
     cached: bool = False
+    details: dict[str, float] = field(default_factory=dict)
+    """The task's extra figures (refusal rates, invalid moves, ...)."""
 
 
 @dataclass
@@ -271,7 +273,7 @@ def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
                    size=settings["size"], max_new_tokens=settings["max_new_tokens"],
                    temperature=settings["temperature"], seed=settings["seed"],
                    batch_size=settings["batch_size"])
-    return Cell(res.score, res.stderr, res.n)
+    return Cell(res.score, res.stderr, res.n, details=dict(res.details))
 
 
 def compare(
@@ -313,8 +315,9 @@ def compare(
             }, sort_keys=True).encode()).hexdigest()
             hit = cache.cells.get(key)
             if isinstance(hit, dict) and {"score", "stderr", "n"} <= set(hit):
-                cells[row.label][col.label] = Cell(float(hit["score"]), float(hit["stderr"]),
-                                                   int(hit["n"]), cached=True)
+                cells[row.label][col.label] = Cell(
+                    float(hit["score"]), float(hit["stderr"]), int(hit["n"]), cached=True,
+                    details={k: float(v) for k, v in (hit.get("details") or {}).items()})
             else:
                 plan.setdefault(row.label, []).append((col, task_cfg, key))
     evaluated = 0
@@ -336,7 +339,8 @@ def compare(
             cell = _default_evaluator(model, tok, tasks[tkey], row, col, settings)
             cells[row.label][col.label] = cell
             cache.cells[key] = {"score": cell.score, "stderr": cell.stderr, "n": cell.n,
-                                "row": row.label, "model": row.model, "task": col.label}
+                                "details": cell.details, "row": row.label, "model": row.model,
+                                "task": col.label}
             cache.save()  # every finished cell survives an interruption
             evaluated += 1
             say(f"{row.label} / {col.label}: {cell.score:.3f} ± {cell.stderr:.3f} (n={cell.n})")
@@ -374,7 +378,23 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
     lines += ["", f"Mean ± standard error over n = {settings['size']} examples per cell "
               f"(at most); {where}; sampling temperature {settings['temperature']}, "
               f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}."]
+    for c in columns:  # the tasks' own figures, one table per column that has any
+        keys = sorted({k for r in rows for k in (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
+        if not keys:
+            continue
+        lines += ["", f"{c.label}, details:", "", "| row | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (len(keys) + 1)]
+        for r in rows:
+            cell = cells[r.label].get(c.label)
+            vals = [_fmt(cell.details.get(k)) if cell else "-" for k in keys]
+            lines.append("| " + " | ".join([r.label, *vals]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if float(v).is_integer() else f"{v:.3f}"
 
 
 def format_csv(rows: list[Row], columns: list[Column], cells: dict[str, dict[str, Cell]]) -> str:
@@ -382,14 +402,19 @@ def format_csv(rows: list[Row], columns: list[Column], cells: dict[str, dict[str
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["label", "model", "run", "with_context"]
+    extra = {c.label: sorted({k for r in rows for k in
+                              (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
+             for c in columns}
     for c in columns:
-        head += [f"{c.label} mean", f"{c.label} stderr", f"{c.label} n"]
+        head += [f"{c.label} mean", f"{c.label} stderr", f"{c.label} n",
+                 *(f"{c.label} {k}" for k in extra[c.label])]
     w.writerow(head)
     for r in rows:
         vals: list[Any] = [r.label, r.model, r.run or "", r.with_context]
         for c in columns:
             cell = cells[r.label].get(c.label)
             vals += [cell.score, cell.stderr, cell.n] if cell else ["", "", ""]
+            vals += [cell.details.get(k, "") if cell else "" for k in extra[c.label]]
         w.writerow(vals)
     return buf.getvalue()
 

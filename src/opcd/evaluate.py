@@ -46,10 +46,18 @@ class EvalResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     resumed: int = 0
     """How many records were read back from ``records_path`` instead of generated."""
+    details: dict[str, float] = field(default_factory=dict)
+    """The task's own figures beyond the score (:func:`score_details`): refusal and
+    over-refusal rates, parse failures, invalid moves, ..."""
 
     def summary(self) -> str:
         where = "with context" if self.with_context else "without context"
         return f"{self.task}/{self.split} {where}: {self.score:.3f} ± {self.stderr:.3f} (n={self.n})"
+
+    def details_line(self) -> str:
+        """The task's extra figures on one line ('' when it has none)."""
+        return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) and not v.is_integer() else f"{k} {v:g}"
+                         for k, v in self.details.items())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,7 +245,24 @@ def evaluate(
     records = [{k: results[ex.id][k] for k in keep if k in results[ex.id]} for ex in examples]
     scores = [float(r["score"]) for r in records]
     mean, se = mean_stderr(scores)
-    return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed)
+    return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed,
+                      score_details(task, examples, records))
+
+
+def score_details(task: Task, examples: list[Any], records: list[dict[str, Any]]) -> dict[str, float]:
+    """The task's figures beyond the mean score, from the evaluation's records.
+
+    Games: mean moves and invalid moves of the played episodes. Other tasks: their
+    :meth:`~opcd.tasks.base.Task.score_details` without the score and n already reported.
+    """
+    if not records:
+        return {}
+    if is_multiturn(task):
+        n = len(records)
+        return {"mean_moves": sum(float(r.get("moves", 0)) for r in records) / n,
+                "invalid_moves": float(sum(int(r.get("invalid_moves", 0)) for r in records))}
+    found = task.score_details(examples, [str(r.get("response", "")) for r in records])
+    return {k: float(v) for k, v in found.items() if k not in ("score", "n")}
 
 
 def _play_batch(
