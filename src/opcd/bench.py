@@ -350,7 +350,9 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
         n_rows = spec.batch // group * group
         cfg = config_from_dict({
             "model": spec.model,
-            "task": {"name": "system_prompt", "context": context or None, "prompts": str(path),
+            # (--context 0: the task needs some context; the teacher then reads these 3 words)
+            "task": {"name": "system_prompt", "context": context or "Answer the question.",
+                     "prompts": str(path),
                      "behaviour": "contains:the", "eval_fraction": 0.2},
             "method": "ovd" if ovd else "opcd",
             "rollout": {"max_new_tokens": spec.response, "batch_size": spec.batch,

@@ -342,13 +342,8 @@ class OffPolicyTrainer(Trainer):
             "reused": len(recs) - generated,
             "time_teacher": t_teacher,
             "time_update": t_update,
-            "time_step": elapsed,
-            "tokens_per_s": total_tokens / elapsed,
-            "lr": cfg.train.lr,
-            "sample": recs[0]["text"][:200] if recs else "",
-            "skipped": skip_reason is not None,
-            **({"skip_reason": skip_reason,
-                "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
+            **self.step_record_tail(idx, elapsed, total_tokens, recs[0]["text"] if recs else "",
+                                    skip_reason),
         }
 
     def format_step(self, m: dict[str, Any]) -> str:

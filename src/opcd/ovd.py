@@ -64,13 +64,14 @@ import copy
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from opcd.errors import ModelError
+from opcd.teacher import scoring_model
 
 # --------------------------------------------------------------------------- scoring prompts
 
@@ -489,21 +490,8 @@ class ModelVerbalTeacher(VerbalTeacher):
             self.max_len = int(getattr(m.config, "max_position_embeddings", 0) or 1 << 30)
         self._digits: list[int] | None = None
 
-    @contextlib.contextmanager
-    def _scorer(self) -> Iterator[nn.Module]:
-        if self._model is not None:
-            yield self._model
-            return
-        was_training = self._student.training
-        self._student.eval()
-        try:
-            if self._adapter_off:
-                with self._student.disable_adapter():  # type: ignore[operator]
-                    yield self._student
-            else:
-                yield self._student
-        finally:
-            self._student.train(was_training)
+    def _scorer(self) -> contextlib.AbstractContextManager[nn.Module]:
+        return scoring_model(self._student, self._model, self._adapter_off)
 
     @property
     def separate_model(self) -> nn.Module | None:

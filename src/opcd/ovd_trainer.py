@@ -280,13 +280,8 @@ class OvdTrainer(Trainer):
             "time_replace": t_replace,
             "time_teacher": t_score + t_replace,
             "time_update": t_update,
-            "time_step": elapsed,
-            "tokens_per_s": total_tokens / elapsed,
-            "lr": cfg.train.lr,
-            "sample": trajs[0].text[:200] if trajs else "",
-            "skipped": skip_reason is not None,
-            **({"skip_reason": skip_reason,
-                "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
+            **self.step_record_tail(idx, elapsed, total_tokens, trajs[0].text if trajs else "",
+                                    skip_reason),
         }
 
     # ------------------------------------------------------------------ display

@@ -41,6 +41,25 @@ from opcd.scoring import (
 )
 
 
+@contextlib.contextmanager
+def scoring_model(student: nn.Module, model: nn.Module | None, adapter_off: bool) -> Iterator[nn.Module]:
+    """The module a teacher scores with: its own ``model`` when it has one, else the student
+    in eval mode (with its LoRA adapter switched off when ``adapter_off``: the frozen base)."""
+    if model is not None:
+        yield model
+        return
+    was_training = student.training
+    student.eval()
+    try:
+        if adapter_off:
+            with student.disable_adapter():  # type: ignore[operator]
+                yield student
+        else:
+            yield student
+    finally:
+        student.train(was_training)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -71,21 +90,8 @@ class Teacher:
         else:
             raise ValueError(f"unknown teacher mode {mode!r}; use frozen, model or live")
 
-    @contextlib.contextmanager
-    def _scorer(self) -> Iterator[nn.Module]:
-        if self._model is not None:
-            yield self._model
-            return
-        was_training = self._student.training
-        self._student.eval()
-        try:
-            if self._uses_adapter_off:
-                with self._student.disable_adapter():  # type: ignore[operator]
-                    yield self._student
-            else:
-                yield self._student
-        finally:
-            self._student.train(was_training)
+    def _scorer(self) -> contextlib.AbstractContextManager[nn.Module]:
+        return scoring_model(self._student, self._model, self._uses_adapter_off)
 
     @torch.no_grad()
     def response_logits(self, batch: PackedBatch) -> Tensor:

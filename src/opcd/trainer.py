@@ -519,12 +519,20 @@ class Trainer:
             "time_rollout": t_rollout,
             "time_teacher": t_teacher,
             "time_update": t_update,
-            "time_step": elapsed,
-            "tokens_per_s": total_tokens / elapsed,
-            "lr": cfg.train.lr,
-            "processes": self.dist.world,
             **episode_figures,
-            "sample": roll.texts[0][:200] if roll.texts else "",
+            **self.step_record_tail(idx, elapsed, total_tokens,
+                                    roll.texts[0] if roll.texts else "", skip_reason),
+        }
+
+    def step_record_tail(self, idx: list[int], elapsed: float, tokens: float, sample: str,
+                         skip_reason: str | None) -> dict[str, Any]:
+        """The fields every method's step record ends with (time, throughput, skip)."""
+        return {
+            "time_step": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "lr": self.cfg.train.lr,
+            "processes": self.dist.world,
+            "sample": sample[:200],
             "skipped": skip_reason is not None,
             **({"skip_reason": skip_reason,
                 "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
