@@ -36,6 +36,7 @@ from opcd.ovd import (
     prefix_cut,
     rate,
     teacher_trajectory,
+    transcript_text,
     turn_advantages,
     turn_score_requests,
 )
@@ -419,3 +420,104 @@ def test_bench_ovd_step_next_to_opcd_step(
     printed = capsys.readouterr().out
     assert "| step | ovd |" in printed and "2 prompts x 2, replaced" in printed
     assert "peak RSS ovd / opcd (fast):" in printed and "--ovd-group 2" in out.read_text()
+
+
+# ---------------------------------------------------------------------------- multi-turn games
+class CountingTeacher(VerbalTeacher):
+    """Scores requests in turn from ``verdicts`` (cycling) and records the requests."""
+
+    def __init__(self, verdicts: Sequence[str]) -> None:
+        self.verdicts = list(verdicts)
+        self.requests: list[str] = []
+
+    def generate(self, conversations, *, max_new_tokens, temperature, prefills=None):  # type: ignore[no-untyped-def]
+        out = []
+        for conv in conversations:
+            self.requests.append(conv[-1]["content"])
+            out.append(Generation(self.verdicts[(len(self.requests) - 1) % len(self.verdicts)], True))
+        return out
+
+
+def _game_ovd_trainer(tiny_model_dir: Path, tmp_path: Path, **ovd_keys: Any) -> OvdTrainer:
+    cfg = ovd_config(tiny_model_dir, tmp_path, score_mode="generate", reward_weight=0.0, **ovd_keys)
+    cfg["task"] = {"name": "frozenlake", "train_size": 4, "eval_size": 2, "test_size": 2}
+    cfg["rollout"]["truncate_prompts"] = True  # the tiny model reads 512 positions
+    tr = build_trainer(config_from_dict(cfg), progress=False)
+    assert isinstance(tr, OvdTrainer) and tr.episodes
+    return tr
+
+
+def _spy_update(tr: OvdTrainer, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    seen: list[tuple[Any, ...]] = []
+    original = tr._update
+
+    def wrapper(prompts: Any, responses: Any, adv: Any) -> Any:
+        seen.append((prompts, responses, adv.tolist()))
+        return original(prompts, responses, adv)
+
+    monkeypatch.setattr(tr, "_update", wrapper)
+    return seen
+
+
+def test_ovd_on_a_game_rates_whole_episodes_and_trains_every_move(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = _game_ovd_trainer(tiny_model_dir, tmp_path)
+    tr.teacher = CountingTeacher(["2", "8", "5", "5"])  # episodes 0, 1 (problem 0); 2, 3 (problem 1)
+    plays = _spy(monkeypatch, ovd_trainer, "play_for_training")
+    updates = _spy_update(tr, monkeypatch)
+    m = tr.train_step()
+
+    played = plays[0][2]
+    assert len(played.episodes) == 4 and len(tr.teacher.requests) == 4  # one rating per episode
+    # the teacher read each whole transcript, environment observations included
+    for request, ep in zip(tr.teacher.requests, played.episodes, strict=True):
+        assert transcript_text(ep.turns) in request
+    (prompts, responses, adv), = updates
+    # every move the student generated is a row, with the student's own tokens; the
+    # environment's text is only ever in prompts
+    assert responses == played.rollout.response_ids
+    assert prompts == [p.student_ids for p in played.pairs]
+    assert len(responses) == sum(ep.moves for ep in played.episodes) == m["trained_turns"]
+    # episode-level advantages (verbal only): problem 0 = (2, 8) -> -/+0.707, problem 1 equal -> 0
+    per_episode = [-0.7071, 0.7071, 0.0, 0.0]
+    assert adv == pytest.approx([per_episode[e] for e, _ in played.turn_of], abs=1e-3)
+    assert m["verbal_score"] == pytest.approx(5.0) and m["replaced_frac"] == 0.0
+    assert 0.0 <= m["episode_success"] <= 1.0 and not m["skipped"]
+
+
+def test_step_level_ovd_rates_every_move(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = _game_ovd_trainer(tiny_model_dir, tmp_path, step_level=True)
+    tr.teacher = CountingTeacher(["1", "7", "4", "garbage", "9"])
+    plays = _spy(monkeypatch, ovd_trainer, "play_for_training")
+    updates = _spy_update(tr, monkeypatch)
+    m = tr.train_step()
+
+    played = plays[0][2]
+    moves = [ep.moves for ep in played.episodes]
+    assert len(tr.teacher.requests) == sum(moves)  # one rating per move
+    # the request for a move shows the game up to and including that reply, not after it
+    first = played.episodes[0]
+    assert first.turns[1][1] in tr.teacher.requests[0]
+    if first.moves > 1:
+        assert first.turns[3][1] not in tr.teacher.requests[0]
+    # the per-move advantages are turn_advantages of the scripted scores, group by group
+    verdicts = ["1", "7", "4", "garbage", "9"]
+    scores = [parse_score(verdicts[k % 5]) for k in range(sum(moves))]
+    per_episode, k = [], 0
+    for n_moves in moves:
+        per_episode.append(scores[k:k + n_moves])
+        k += n_moves
+    outcome = [float(ep.success) for ep in played.episodes]
+    expected = turn_advantages(per_episode[:2], outcome[:2], 0.0) + turn_advantages(per_episode[2:], outcome[2:], 0.0)
+    (_, _, adv), = updates
+    assert adv == pytest.approx([expected[e][mv] for e, mv in played.turn_of])
+    assert m["step_level"] and m["unparseable"] == sum(s is None for s in scores)
+
+
+def test_step_level_needs_a_game(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="step_level"):
+        build_trainer(config_from_dict(ovd_config(tiny_model_dir, tmp_path, step_level=True)),
+                      progress=False)

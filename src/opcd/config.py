@@ -222,6 +222,10 @@ class OvdConfig:
     (math, gsm8k, games, safety), 0 (the verbal score alone) for the others."""
     clip_eps: float = 0.2
     """PPO clip range of the importance ratio."""
+    step_level: bool = False
+    """Multi-turn games only: the teacher rates every move in its situation and each move
+    gets the sum of the normalised scores from it to the episode's end (process
+    supervision); false: the teacher rates the whole episode, one score for all its moves."""
 
 
 @dataclass

@@ -49,10 +49,10 @@ One step (:class:`opcd.ovd_trainer.OvdTrainer`):
    replaced response are trained the same way (as in the paper's GRPO on the
    accepted/replaced group, without an off-policy correction).
 
-Multi-turn games can be scored turn by turn: :func:`turn_score_requests` builds one scoring
-request per assistant turn and :func:`turn_advantages` turns per-turn scores into per-turn
-advantages. The training loop that plays episodes does not exist yet; these are the pieces
-it will call.
+Multi-turn games can be scored turn by turn (``ovd.step_level``): :func:`turn_score_requests`
+builds one scoring request per assistant turn and :func:`turn_advantages` turns per-turn
+scores into per-turn advantages; :meth:`opcd.ovd_trainer.OvdTrainer.episode_step` plays the
+episodes and calls them (or rates whole transcripts, the default).
 
 Everything in this module except :class:`ModelVerbalTeacher` is pure (no I/O, no models).
 """
