@@ -31,6 +31,7 @@ Method = Literal["opcd", "ovd", "offpolicy"]
 OffPolicyLoss = Literal["fkl", "sft"]
 ScoreMode = Literal["generate", "expected"]
 Replace = Literal["whole", "suffix"]
+RolloutBackendName = Literal["hf", "vllm"]
 
 
 @dataclass
@@ -91,6 +92,14 @@ class RolloutConfig:
     """Longest teacher prompt (context + prompt) accepted."""
     truncate_prompts: bool = False
     """Truncate over-long prompts from the left (logged) instead of refusing them."""
+    backend: RolloutBackendName = "hf"
+    """Who samples: ``hf`` (opcd's KV-cache loop / HF generate on the training model; CPU and
+    GPU) or ``vllm`` (a vLLM engine on the training GPU, weights synced after every update;
+    optional extra, CUDA only, method=opcd on one process; not yet run on a GPU). See
+    ``opcd.rollout_backends`` and docs/scale.md."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """rollout.backend=vllm: the share of the GPU's memory the vLLM engine may take (weights
+    and its key/value cache), in (0, 1]; the rest is left to training."""
 
 
 @dataclass
@@ -476,6 +485,7 @@ def _check_ranges(cfg: Config) -> None:
             f"task.user_template={cfg.task.user_template!r} must contain both {{context}} and {{prompt}}."
         )
     _check_ovd(cfg)
+    _check_rollout_backend(cfg)
     if cfg.method == "offpolicy" and cfg.teacher.mode == "live":
         raise ConfigError(
             "method=offpolicy generates the teacher's responses once and reuses them, so its "
@@ -490,6 +500,21 @@ def _check_ranges(cfg: Config) -> None:
                 f"extract.prompt must contain {' and '.join(missing)} (placeholders: {{problem}}, "
                 "{solution}, optionally {experience} and {marker})."
             )
+
+
+def _check_rollout_backend(cfg: Config) -> None:
+    """``rollout.backend`` settings (whether vLLM and CUDA exist is checked when training starts)."""
+    r = cfg.rollout
+    if not 0 < r.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"Config value rollout.vllm_gpu_memory_utilization={r.vllm_gpu_memory_utilization} "
+            "must be in (0, 1]: the share of the GPU's memory the vLLM engine may take, e.g. 0.3."
+        )
+    if r.backend == "vllm" and cfg.method != "opcd":
+        raise ConfigError(
+            f"rollout.backend=vllm is not supported for method={cfg.method} yet (only "
+            "method=opcd samples through it). Use the default rollout.backend=hf."
+        )
 
 
 def _check_ovd(cfg: Config) -> None:
