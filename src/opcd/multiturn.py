@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from opcd import rollout
 from opcd.chat import PromptPair, encode_chat
 from opcd.errors import DataError
+from opcd.rollout_backends import HFBackend, RolloutBackend
 from opcd.tasks.base import Example, Task, derive_seed
 from opcd.tasks.episodes import Episode, EpisodeResult, Turn
 
@@ -121,13 +122,16 @@ def play(
     batch_size: int = 16,
     max_prompt_tokens: int = 4096,
     truncate: bool = False,
+    backend: RolloutBackend | None = None,
 ) -> EpisodeRollout:
     """Play one episode per example with ``model`` sampling its replies, in lockstep.
 
     ``seeds``: one per episode (move ``m`` samples with a seed derived from it and ``m``).
     ``with_context``: the model sees the context (the in-context reference); the rows'
-    teacher prompts always have it.
+    teacher prompts always have it. ``backend``: who samples (default: :func:`opcd.rollout.sample`
+    on ``model`` with ``batch_size``; the trainer passes its ``rollout.backend``).
     """
+    sampler = backend or HFBackend(model, tokenizer, batch_size=batch_size)
     game: Any = task
     episodes = [game.new_episode(ex) for ex in examples]
     turns: list[list[Turn]] = [[("user", ep.first_prompt())] for ep in episodes]
@@ -144,9 +148,8 @@ def play(
             where = f"Example {examples[i].id!r}, move {move + 1}"
             s_prompts.append(_ids(tokenizer, game.messages(examples[i], turns[i], with_context=with_context),
                                   max_prompt_tokens, truncate, where))
-        roll = rollout.sample(
-            model, tokenizer, s_prompts, n=1, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, batch_size=batch_size,
+        roll = sampler.sample(
+            s_prompts, n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             seeds=[derive_seed("move", seeds[i], move) for i in live],
         )
         for k, i in enumerate(live):

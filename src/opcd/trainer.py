@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from opcd import checkpoint as ckpt
-from opcd import losses, rollout
+from opcd import losses
 from opcd.chat import PromptPair, build_prompt_pair
 from opcd.config import Config, config_from_dict, dump_config, flatten, load_config
 from opcd.distributed import Dist
@@ -52,6 +52,7 @@ from opcd.errors import (
 )
 from opcd.evaluate import EvalResult, evaluate, merge_results
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
+from opcd.rollout_backends import RolloutBackend, build_backend, check_vllm_usable
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
@@ -288,6 +289,11 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
             f"method={cfg.method} runs on one process for now ({dist.world} were launched). "
             "Launch it without accelerate/torchrun, or use method=opcd."
         )
+    if cfg.rollout.backend == "vllm":
+        raise ConfigError(
+            f"rollout.backend=vllm runs on one process for now ({dist.world} were launched). "
+            "Launch it without accelerate/torchrun, or use the default rollout.backend=hf."
+        )
     if cfg.train.batch_size < dist.world:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is smaller than the {dist.world} processes "
@@ -330,6 +336,8 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
+        if cfg.rollout.backend == "vllm":
+            check_vllm_usable(self.device)  # before any model is loaded
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
         self._say(f"loading student {cfg.model} ...")
@@ -358,6 +366,22 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self.backend: RolloutBackend = self._build_backend()
+
+    def _build_backend(self) -> RolloutBackend:
+        """The student's sampler (``rollout.backend``): see :mod:`opcd.rollout_backends`."""
+        from opcd.models import resolve_model_ref
+
+        r = self.cfg.rollout
+        path = None
+        if r.backend == "vllm":
+            self._say("starting the vLLM rollout engine ...")
+            path = resolve_model_ref(self.cfg.model, pull_missing=False).location
+        return build_backend(
+            r.backend, self.student, self.tokenizer, batch_size=r.batch_size, model_path=path,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            max_model_len=self.max_prompt_tokens + r.max_new_tokens, seed=self.cfg.train.seed,
+        )
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
         """The teacher of this method (OPCD: the log-prob :class:`Teacher`)."""
@@ -402,15 +426,16 @@ class Trainer:
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
                 max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
+                backend=self.backend,
             )
             pairs, roll = played.pairs, played.rollout
             episode_figures = self._global_episode_figures(played)
         else:
             pairs = self._prompt_pairs([idx[i] for i in mine])
-            roll = rollout.sample(
-                self.student, self.tokenizer, [p.student_ids for p in pairs], n=cfg.rollout.n,
+            roll = self.backend.sample(
+                [p.student_ids for p in pairs], n=cfg.rollout.n,
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                max_new_tokens=cfg.rollout.max_new_tokens,
                 seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
             )
         t_rollout = time.perf_counter() - t0
@@ -500,6 +525,7 @@ class Trainer:
         skip_reason = non_finite_reason(sums["loss"], grad_norm)
         if skip_reason is None:
             self.optimizer.step()
+            self.backend.sync_weights(self.student)  # the next rollout samples the new weights
         self.optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t_update_start - t_teacher
         self.step += 1
@@ -621,6 +647,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {str(latest)!r} has an incomplete state ({e!r})") from None
         ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled)
+        self.backend.sync_weights(self.student)
         ckpt.load_optimizer(latest, self.optimizer)
         self.order = DataOrder(len(self.train_examples), self.cfg.train.seed, epoch, index)
         ckpt.set_rng_state(rng)
