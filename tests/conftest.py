@@ -43,12 +43,12 @@ def build_tokenizer(vocab_size: int = 320):
     )
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0, tie: bool = False):
+def build_tiny_model(vocab_size: int, seed: int = 0, tie: bool = False, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=tie, eos_token_id=2, pad_token_id=0, bos_token_id=None,
     )

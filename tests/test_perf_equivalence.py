@@ -305,6 +305,30 @@ def test_chunked_loss_fp32_custom_token_loss_and_frozen_head() -> None:
     assert torch.allclose(tl.kl, ref_tl.kl, atol=1e-6)
 
 
+@pytest.mark.parametrize("head", ["weight", "callable"])
+def test_chunked_loss_with_a_wider_teacher(head: str) -> None:
+    """Cross-size: the teacher's hidden size differs from the student's (0.5B 896 vs 1.5B
+    1536); only the vocabulary is shared. A study run with the 1.5B teacher hit a shape
+    check that wanted equal hidden sizes."""
+    mask, hs, _, w, b, _, _ = _loss_case()
+    g = torch.Generator().manual_seed(5)
+    ht = torch.randn(hs.shape[0], 11, generator=g, dtype=hs.dtype)
+    wt = torch.randn(w.shape[0], 11, generator=g, dtype=hs.dtype)
+    hs.requires_grad_(True)
+    kw = {"objective": "reverse_kl", "k": 7}
+    ref, _ = _unchunked(mask, hs, w, b, ht, wt, "token_mean", **kw)
+    (ref_grad,) = torch.autograd.grad(ref, [hs])
+    weights = losses.reduction_weights(mask, "token_mean", total_tokens=40.0, total_sequences=6.0,
+                                       dtype=torch.float64)[mask]
+    student_head = w if head == "weight" else (lambda x: torch.nn.functional.linear(x, w, b))
+    loss, _ = losses.chunked_distill_loss(hs, student_head, ht, wt, weights,
+                                          student_bias=b if head == "weight" else None,
+                                          chunk_size=4, **kw)
+    (grad,) = torch.autograd.grad(loss, [hs])
+    assert abs(float(loss) - float(ref)) < 1e-12
+    assert float((grad - ref_grad).abs().max()) < 1e-12
+
+
 def test_reduction_weights_match_reduce_token_loss() -> None:
     g = torch.Generator().manual_seed(2)
     mask = torch.rand(4, 6, generator=g) > 0.4
@@ -321,7 +345,7 @@ def test_chunked_loss_rejects_bad_shapes() -> None:
     mask, hs, ht, w, b, wt, _ = _loss_case()
     with pytest.raises(ValueError, match="chunk_size"):
         losses.chunked_distill_loss(hs, w, ht, wt, torch.ones(len(hs)), chunk_size=0)
-    with pytest.raises(ValueError, match=r"\[N, H\]"):
+    with pytest.raises(ValueError, match=r"\[N, H_teacher\]"):
         losses.chunked_distill_loss(hs, w, ht[:-1], wt, torch.ones(len(hs)))
     with pytest.raises(ValueError, match="token_weights"):
         losses.chunked_distill_loss(hs, w, ht, wt, torch.ones(3))

@@ -131,6 +131,23 @@ def test_model_teacher(tiny_model_dir: Path, tiny_model_dir_other: Path, tmp_pat
     assert res.history[0]["reverse_kl"] > 0  # different weights -> a real divergence
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_wider_teacher_of_the_same_vocabulary(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
+    """Cross-size (the 1.5B teaching the 0.5B): hidden sizes differ, the vocabulary is shared."""
+    from conftest import build_tiny_model, build_tokenizer
+
+    wide = tmp_path / "wide"
+    tok = build_tokenizer()
+    build_tiny_model(len(tok), seed=4, hidden_size=48).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    for chunked in (True, False):
+        cfg = tiny_config(tiny_model_dir, tmp_path / f"c{chunked}",
+                          teacher={"mode": "model", "model": str(wide)}, train={"steps": 1},
+                          perf={"chunked_loss": chunked}, lora={"enabled": lora})
+        res = train(cfg, progress=False)
+        assert res.history[0]["reverse_kl"] > 0 and not res.history[0]["skipped"]
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_run_folder_with_other_run_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_model_dir, tmp_path, train={"steps": 1})

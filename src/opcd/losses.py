@@ -671,9 +671,10 @@ def chunked_distill_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    if student_hidden.dim() != 2 or teacher_hidden.shape != student_hidden.shape:
-        raise ValueError(
-            f"student_hidden and teacher_hidden must both be [N, H], got "
+    if (student_hidden.dim() != 2 or teacher_hidden.dim() != 2
+            or teacher_hidden.shape[0] != student_hidden.shape[0]):
+        raise ValueError(  # the hidden sizes may differ: a larger teacher (cross-size)
+            f"student_hidden and teacher_hidden must be [N, H_student] and [N, H_teacher], got "
             f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
         )
     if token_weights.shape != student_hidden.shape[:1]:
