@@ -18,6 +18,7 @@ from opcd.tasks.math_problems import (
     extract_boxed,
     grade_math,
     gsm8k_gold,
+    last_number,
     load_gsm8k,
     math_prompt,
 )
@@ -115,6 +116,19 @@ def test_gsm8k_split_from_a_local_file(tmp_path: Path) -> None:
     details = task.score_details(test[:2], ["\\boxed{1}", "I think 2"])
     assert details["score"] == 0.5 and details["parse_failures"] == 1.0
     assert details["accuracy/gsm8k"] == 0.5
+    # the unboxed "I think 2" is right on its last number: loose, never strict
+    assert details["loose_accuracy"] == 1.0
+    details = task.score_details(test[:3], ["\\boxed{7}", "so 1,000 apples, then 2", "no number"])
+    assert details["score"] == 0.0 and details["loose_accuracy"] == 1 / 3
+    # a wrong boxed answer is not rescued by a right number elsewhere in the text
+    assert task.score_details(test[:1], ["1 is it? \\boxed{5}"])["loose_accuracy"] == 0.0
+
+
+def test_last_number() -> None:
+    assert last_number("It costs 1,250 dollars, so 3.5 each") == "3.5"
+    assert last_number("a total of 12,345") == "12345"
+    assert last_number("points (1,2) and -7") == "-7"
+    assert last_number("no digits") is None
 
 
 # --------------------------------------------------------------------------- guards and registry

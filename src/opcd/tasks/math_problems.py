@@ -155,13 +155,25 @@ class MathGrade:
     answer: str | None
 
 
-def grade_math(response: str, gold: str, checker: Any = None, entry: Any = None) -> MathGrade:
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (thousands commas dropped), or None."""
+    found = _NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))
+    return found[-1] if found else None
+
+
+def grade_math(
+    response: str, gold: str, checker: Any = None, entry: Any = None, *, loose: bool = False
+) -> MathGrade:
     """Grade ``response`` against the reference answer ``gold``.
 
     ``checker`` (a reasoning-gym dataset) and ``entry`` (its item) add the generator's own
     check: full marks from ``checker.score_answer(answer, entry)`` count as right.
+    ``loose``: a response without ``\\boxed{}`` is graded on its last number instead (the
+    ``loose_accuracy`` of :meth:`MathTask.score_details`; never the task's score).
     """
     answer = extract_boxed(response)
+    if answer is None and loose:
+        answer = last_number(response)
     if answer is None or not answer or len(answer) > MAX_ANSWER_CHARS:
         return MathGrade(False, False, answer)
     if checker is not None:
@@ -397,12 +409,12 @@ class MathTask(Task):
             self._checkers[family] = _reasoning_gym().create_dataset(family, size=1, seed=0)
         return self._checkers[family]
 
-    def grade(self, example: Example, response: str) -> MathGrade:
-        """Grade without touching the counters."""
+    def grade(self, example: Example, response: str, *, loose: bool = False) -> MathGrade:
+        """Grade without touching the counters (``loose``: see :func:`grade_math`)."""
         family = example.meta.get("family", "gsm8k")
         entry = example.meta.get("entry")
         checker = self._checker(family) if entry is not None else None
-        return grade_math(response, example.meta["answer"], checker, entry)
+        return grade_math(response, example.meta["answer"], checker, entry, loose=loose)
 
     def score(self, example: Example, response: str) -> float:
         g = self.grade(example, response)
@@ -411,15 +423,20 @@ class MathTask(Task):
         return float(g.correct)
 
     def score_details(self, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, float]:
-        """Accuracy, parse failures (count and rate) and accuracy per family."""
+        """Accuracy, parse failures (count and rate), accuracy per family, and
+        ``loose_accuracy``: unboxed responses graded on their last number (small models
+        often solve a problem and never box the answer; this tells the two apart)."""
         if len(examples) != len(responses):
             raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
         grades = [self.grade(ex, r) for ex, r in zip(examples, responses, strict=True)]
         n = len(grades)
+        loose = [g if g.parsed else self.grade(ex, r, loose=True)
+                 for ex, r, g in zip(examples, responses, grades, strict=True)]
         out = {
             "score": sum(g.correct for g in grades) / n if n else 0.0,
             "n": float(n),
             "parse_failures": float(sum(not g.parsed for g in grades)),
+            "loose_accuracy": sum(g.correct for g in loose) / n if n else 0.0,
         }
         out["parse_failure_rate"] = out["parse_failures"] / n if n else 0.0
         by_family: dict[str, list[bool]] = {}
