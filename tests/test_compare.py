@@ -121,3 +121,22 @@ def test_details_tables_in_markdown_and_csv() -> None:
     csv_text = format_csv(rows, cols, cells)
     head = csv_text.splitlines()[0].split(",")
     assert "safety (test) refusal_rate" in head and "safety (test) parse_failures" in head
+
+
+def test_a_column_overrides_the_eval_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
+    extra = {k: v for k, v in task.items() if k != "name"}
+    base_col = {"name": "system_prompt", "split": "eval", "label": "plain", "task": extra}
+    spec = {"tasks": [base_col], "rows": [{"label": "base", "model": str(tiny_model_dir)}],
+            "eval": {"size": 3, "max_new_tokens": 3, "batch_size": 4},
+            "output": str(tmp_path / "out")}
+    assert compare(spec, progress=False).evaluated == 1
+    short = {**base_col, "label": "short", "eval": {"size": 2, "max_new_tokens": 1}}
+    spec["tasks"] = [base_col, short]
+    res = compare(spec, progress=False)
+    # the column without overrides keeps its cached cell; the other is its own cell
+    assert res.evaluated == 1 and res.cells["base"]["plain"].cached
+    assert res.cells["base"]["plain"].n == 3 and res.cells["base"]["short"].n == 2
+    assert "Column settings: short: max_new_tokens 1, size 2." in res.markdown.read_text()
+    with pytest.raises(ConfigError, match=r"tasks\[1\].eval has unknown keys"):
+        parse_spec({**spec, "tasks": [base_col, {**short, "eval": {"max_tokens": 4}}]})

@@ -15,8 +15,10 @@ A spec (YAML file or dict) names the columns, the rows and the evaluation settin
     eval: {size: 100, max_new_tokens: 256, temperature: 1.0, seed: 1234, batch_size: 16}
     output: runs/compare
 
-A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context); a
-row's ``context`` / ``context_file`` replaces the task's context when ``with_context``.
+A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context), and its
+``eval`` overrides the table's ``eval`` settings for that column (a short verdict needs fewer
+new tokens than a worked solution); a row's ``context`` / ``context_file`` replaces the task's
+context when ``with_context``.
 
 Every cell is :func:`opcd.evaluate.evaluate` (mean ± standard error) and is cached in
 ``<output>/cache.json`` under a hash of (model weights, task settings, context, split,
@@ -52,6 +54,12 @@ class Column:
     name: str
     split: str
     task: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    """This column's overrides of the table's ``eval`` settings."""
+
+    def settings(self, table: dict[str, Any]) -> dict[str, Any]:
+        """The evaluation settings of this column's cells."""
+        return {**table, **self.eval}
 
 
 @dataclass
@@ -111,12 +119,14 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
     for i, c in enumerate(_need(spec, "tasks", "the spec")):
         if isinstance(c, str):
             c = {"name": c}
-        c = _check_keys(c, {"name", "split", "label", "task"}, f"tasks[{i}]")
+        c = _check_keys(c, {"name", "split", "label", "task", "eval"}, f"tasks[{i}]")
         name = str(_need(c, "name", f"tasks[{i}]"))
         split = str(c.get("split", "eval"))
         extra = _check_keys(c.get("task") or {}, {f.name for f in dataclasses.fields(_task_config())},
                             f"tasks[{i}].task")
-        columns.append(Column(str(c.get("label") or f"{name}/{split}"), name, split, dict(extra)))
+        col_eval = _check_keys(c.get("eval") or {}, set(EVAL_DEFAULTS), f"tasks[{i}].eval")
+        columns.append(Column(str(c.get("label") or f"{name}/{split}"), name, split, dict(extra),
+                              dict(col_eval)))
     rows: list[Row] = []
     for i, r in enumerate(_need(spec, "rows", "the spec")):
         r = _check_keys(r, {"label", "model", "with_context", "context", "context_file", "run"}, f"rows[{i}]")
@@ -307,10 +317,10 @@ def compare(
         if row.model not in wid_of:
             wid_of[row.model] = weights_id(row.model, cache.hashes)
         for col in columns:
-            task_cfg, ident = _cell_task(col, row, settings["batch_size"])
+            task_cfg, ident = _cell_task(col, row, col.settings(settings)["batch_size"])
             key = hashlib.sha256(json.dumps({
                 "weights": wid_of[row.model], "task": ident, "split": col.split,
-                "with_context": row.with_context, "eval": settings,
+                "with_context": row.with_context, "eval": col.settings(settings),
                 "sampling": EVAL_SAMPLING,
             }, sort_keys=True).encode()).hexdigest()
             hit = cache.cells.get(key)
@@ -336,7 +346,7 @@ def compare(
             tkey = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
             if tkey not in tasks:
                 tasks[tkey] = build_task(task_cfg)
-            cell = _default_evaluator(model, tok, tasks[tkey], row, col, settings)
+            cell = _default_evaluator(model, tok, tasks[tkey], row, col, col.settings(settings))
             cells[row.label][col.label] = cell
             cache.cells[key] = {"score": cell.score, "stderr": cell.stderr, "n": cell.n,
                                 "details": cell.details, "row": row.label, "model": row.model,
@@ -378,6 +388,10 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
     lines += ["", f"Mean ± standard error over n = {settings['size']} examples per cell "
               f"(at most); {where}; sampling temperature {settings['temperature']}, "
               f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}."]
+    own = [c for c in columns if any(settings.get(k) != v for k, v in c.eval.items())]
+    if own:
+        lines.append("Column settings: " + "; ".join(
+            f"{c.label}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.eval.items())) for c in own) + ".")
     for c in columns:  # the tasks' own figures, one table per column that has any
         keys = sorted({k for r in rows for k in (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
         if not keys:
