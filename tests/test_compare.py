@@ -140,3 +140,21 @@ def test_a_column_overrides_the_eval_settings(tiny_model_dir: Path, tmp_path: Pa
     assert "Column settings: short: max_new_tokens 1, size 2." in res.markdown.read_text()
     with pytest.raises(ConfigError, match=r"tasks\[1\].eval has unknown keys"):
         parse_spec({**spec, "tasks": [base_col, {**short, "eval": {"max_tokens": 4}}]})
+
+
+def test_reuse_takes_the_cells_of_another_table(tiny_model_dir: Path, tmp_path: Path) -> None:
+    task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
+    col = {"name": "system_prompt", "split": "eval", "label": "in-dist",
+           "task": {k: v for k, v in task.items() if k != "name"}}
+    first = {"tasks": [col], "rows": [{"label": "base", "model": str(tiny_model_dir)}],
+             "eval": {"size": 2, "max_new_tokens": 2, "batch_size": 4}, "output": str(tmp_path / "a")}
+    assert compare(first, progress=False).evaluated == 1
+    second = {**first, "output": str(tmp_path / "b"),
+              "rows": [*first["rows"], {"label": "in-context", "model": str(tiny_model_dir),
+                                        "with_context": True}],
+              "reuse": [str(tmp_path / "a"), str(tmp_path / "missing")]}
+    res = compare(second, progress=False)
+    assert res.evaluated == 1 and res.cells["base"]["in-dist"].cached
+    assert not res.cells["in-context"]["in-dist"].cached
+    with pytest.raises(ConfigError, match="'reuse' must be a list"):
+        parse_spec({**second, "reuse": "runs/x"})

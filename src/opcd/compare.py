@@ -14,6 +14,7 @@ A spec (YAML file or dict) names the columns, the rows and the evaluation settin
          with_context: true, context_file: runs/extract-1.5b/experience.txt}
     eval: {size: 100, max_new_tokens: 256, temperature: 1.0, seed: 1234, batch_size: 16}
     output: runs/compare
+    reuse: [runs/compare-math]    # optional: take cells other tables already evaluated
 
 A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context), and its
 ``eval`` overrides the table's ``eval`` settings for that column (a short verdict needs fewer
@@ -23,7 +24,8 @@ context when ``with_context``.
 Every cell is :func:`opcd.evaluate.evaluate` (mean ± standard error) and is cached in
 ``<output>/cache.json`` under a hash of (model weights, task settings, context, split,
 with_context, eval settings): rerunning a comparison, or adding a row, only evaluates the
-new cells. Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
+new cells. ``reuse`` names other comparisons' output folders whose cached cells count as
+this table's (the key is the same computation, so a cell is only ever evaluated once). Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
 held-out score against step from each row's run folder ``metrics.jsonl``).
 """
 
@@ -114,7 +116,10 @@ def _check_keys(d: Any, allowed: set[str], where: str) -> dict[str, Any]:
 
 def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str, Any], Path]:
     """Validate a spec: (columns, rows, eval settings, output folder)."""
-    spec = _check_keys(spec, {"tasks", "rows", "eval", "output"}, "the spec")
+    spec = _check_keys(spec, {"tasks", "rows", "eval", "output", "reuse"}, "the spec")
+    reuse = spec.get("reuse") or []
+    if not isinstance(reuse, list) or not all(isinstance(x, str) for x in reuse):
+        raise ConfigError("compare spec: 'reuse' must be a list of output folders of other comparisons.")
     columns: list[Column] = []
     for i, c in enumerate(_need(spec, "tasks", "the spec")):
         if isinstance(c, str):
@@ -308,6 +313,17 @@ def compare(
     def say(msg: str) -> None:
         if progress:
             print(msg, file=sys.stderr, flush=True)
+
+    for other in data.get("reuse") or []:
+        path = Path(other) / "cache.json"
+        if not path.is_file():
+            say(f"reuse: {other!r} has no cache.json yet; its cells will be evaluated here.")
+            continue
+        theirs = _Cache(path)
+        for k, v in theirs.cells.items():
+            cache.cells.setdefault(k, v)
+        for k, v in theirs.hashes.items():
+            cache.hashes.setdefault(k, v)
 
     # plan: every cell's key, so that only missing cells load their model
     plan: dict[str, list[tuple[Column, Any, str]]] = {}
