@@ -238,6 +238,18 @@ def select_slots(
     return indices, torch.ones_like(indices, dtype=torch.bool)
 
 
+def _prepare_slots(
+    student_logp_slots: Tensor, teacher_logp_slots: Tensor, mask: Tensor | None, renormalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The slot losses' common start: (student, teacher, valid), both sides renormalised
+    over the valid slots when asked."""
+    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
+    if renormalize:
+        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
+        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    return student_logp_slots, teacher_logp_slots, valid
+
+
 def _masked_renormalize(logp: Tensor, valid: Tensor) -> Tensor:
     """Subtract the log-sum-exp over the valid slots (invalid slots do not contribute)."""
     lse = torch.logsumexp(logp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True)
@@ -274,10 +286,8 @@ def reverse_kl_slots(
         ``[N]``; differentiable through both inputs (callers pass a constant teacher).
         Each row needs at least one valid slot.
     """
-    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
-    if renormalize:
-        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
-        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    student_logp_slots, teacher_logp_slots, valid = _prepare_slots(
+        student_logp_slots, teacher_logp_slots, mask, renormalize)
     return _kl_terms(student_logp_slots, teacher_logp_slots, valid)
 
 
@@ -291,10 +301,8 @@ def forward_kl_slots(
 
     Arguments as in :func:`reverse_kl_slots`.
     """
-    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
-    if renormalize:
-        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
-        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    student_logp_slots, teacher_logp_slots, valid = _prepare_slots(
+        student_logp_slots, teacher_logp_slots, mask, renormalize)
     return _kl_terms(teacher_logp_slots, student_logp_slots, valid)
 
 
@@ -314,10 +322,8 @@ def jsd_slots(
     Other arguments as in :func:`reverse_kl_slots`.
     """
     _check_beta(beta)
-    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
-    if renormalize:
-        student_logp_slots = _masked_renormalize(student_logp_slots, valid)
-        teacher_logp_slots = _masked_renormalize(teacher_logp_slots, valid)
+    student_logp_slots, teacher_logp_slots, valid = _prepare_slots(
+        student_logp_slots, teacher_logp_slots, mask, renormalize)
     # Slots that are invalid or have p_s = p_t = 0 contribute nothing; give them finite
     # placeholder values so the log-sum-exp below has a NaN-free gradient.
     dead = ~valid | ((student_logp_slots == -math.inf) & (teacher_logp_slots == -math.inf))
