@@ -137,7 +137,9 @@ def test_a_column_overrides_the_eval_settings(tiny_model_dir: Path, tmp_path: Pa
     # the column without overrides keeps its cached cell; the other is its own cell
     assert res.evaluated == 1 and res.cells["base"]["plain"].cached
     assert res.cells["base"]["plain"].n == 3 and res.cells["base"]["short"].n == 2
-    assert "Column settings: short: max_new_tokens 1, size 2." in res.markdown.read_text()
+    md = res.markdown.read_text()
+    assert "Column settings: plain: size 3, max_new_tokens 3; short: size 2, max_new_tokens 1." in md
+    assert "over n examples (per column, below)" in md and "seed 1234" in md
     with pytest.raises(ConfigError, match=r"tasks\[1\].eval has unknown keys"):
         parse_spec({**spec, "tasks": [base_col, {**short, "eval": {"max_tokens": 4}}]})
 

@@ -401,13 +401,7 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
         model = r.run or r.model
         lines.append("| " + " | ".join([r.label, f"`{model}`", _context_note(r), *vals]) + " |")
     where = ", ".join(f"{c.label} = {c.name}/{c.split}" for c in columns)
-    lines += ["", f"Mean ± standard error over n = {settings['size']} examples per cell "
-              f"(at most); {where}; sampling temperature {settings['temperature']}, "
-              f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}."]
-    own = [c for c in columns if any(settings.get(k) != v for k, v in c.eval.items())]
-    if own:
-        lines.append("Column settings: " + "; ".join(
-            f"{c.label}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.eval.items())) for c in own) + ".")
+    lines += ["", _settings_note(columns, settings, where)]
     for c in columns:  # the tasks' own figures, one table per column that has any
         keys = sorted({k for r in rows for k in (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
         if not keys:
@@ -419,6 +413,24 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
             vals = [_fmt(cell.details.get(k)) if cell else "-" for k in keys]
             lines.append("| " + " | ".join([r.label, *vals]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _settings_note(columns: list[Column], settings: dict[str, Any], where: str) -> str:
+    """The sentence under the table: the settings every column shares, then per column the
+    ones that differ (a column's own ``eval``)."""
+    per_col = [c.settings(settings) for c in columns] or [settings]
+    shown = ("size", "temperature", "max_new_tokens", "seed")
+    same = {k: per_col[0].get(k) for k in shown if all(cs.get(k) == per_col[0].get(k) for cs in per_col)}
+    n = f"n = {same['size']} examples" if "size" in same else "n examples (per column, below)"
+    parts = [f"{k} {same[k]}" for k in ("temperature", "max_new_tokens", "seed") if k in same]
+    note = f"Mean ± standard error over {n} per cell (at most); {where}"
+    note += f"; sampling {', '.join(parts)}." if parts else "."
+    differ = [k for k in shown if k not in same]
+    if differ:
+        note += "\nColumn settings: " + "; ".join(
+            f"{c.label}: " + ", ".join(f"{k} {cs[k]}" for k in differ)
+            for c, cs in zip(columns, per_col, strict=True)) + "."
+    return note
 
 
 def _fmt(v: float | None) -> str:
