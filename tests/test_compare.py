@@ -158,5 +158,10 @@ def test_reuse_takes_the_cells_of_another_table(tiny_model_dir: Path, tmp_path: 
     res = compare(second, progress=False)
     assert res.evaluated == 1 and res.cells["base"]["in-dist"].cached
     assert not res.cells["in-context"]["in-dist"].cached
+    # the first table's cells are copied only where this table uses them
+    third = {**first, "output": str(tmp_path / "c"), "reuse": [str(tmp_path / "b")],
+             "rows": [second["rows"][1]]}
+    assert compare(third, progress=False).evaluated == 0
+    assert len(json.loads((tmp_path / "c" / "cache.json").read_text())["cells"]) == 1
     with pytest.raises(ConfigError, match="'reuse' must be a list"):
         parse_spec({**second, "reuse": "runs/x"})

@@ -314,16 +314,16 @@ def compare(
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
+    # other tables' cells: only those this table uses are copied into its own cache
+    borrowed: dict[str, Any] = {}
     for other in data.get("reuse") or []:
         path = Path(other) / "cache.json"
         if not path.is_file():
             say(f"reuse: {other!r} has no cache.json yet; its cells will be evaluated here.")
             continue
         theirs = _Cache(path)
-        for k, v in theirs.cells.items():
-            cache.cells.setdefault(k, v)
-        for k, v in theirs.hashes.items():
-            cache.hashes.setdefault(k, v)
+        borrowed = {**theirs.cells, **borrowed}
+        cache.hashes = {**theirs.hashes, **cache.hashes}  # a memo of weight-file digests
 
     # plan: every cell's key, so that only missing cells load their model
     plan: dict[str, list[tuple[Column, Any, str]]] = {}
@@ -333,13 +333,16 @@ def compare(
         if row.model not in wid_of:
             wid_of[row.model] = weights_id(row.model, cache.hashes)
         for col in columns:
-            task_cfg, ident = _cell_task(col, row, col.settings(settings)["batch_size"])
+            col_settings = col.settings(settings)
+            task_cfg, ident = _cell_task(col, row, col_settings["batch_size"])
             key = hashlib.sha256(json.dumps({
                 "weights": wid_of[row.model], "task": ident, "split": col.split,
-                "with_context": row.with_context, "eval": col.settings(settings),
+                "with_context": row.with_context, "eval": col_settings,
                 "sampling": EVAL_SAMPLING,
             }, sort_keys=True).encode()).hexdigest()
             hit = cache.cells.get(key)
+            if hit is None and key in borrowed:
+                hit = cache.cells[key] = borrowed[key]
             if isinstance(hit, dict) and {"score", "stderr", "n"} <= set(hit):
                 cells[row.label][col.label] = Cell(
                     float(hit["score"]), float(hit["stderr"]), int(hit["n"]), cached=True,
