@@ -435,11 +435,13 @@ def test_decode_threads_are_restored_and_results_equal(tiny, monkeypatch) -> Non
     model, tok = tiny
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     before = torch.get_num_threads()
+    monkeypatch.setenv("OPCD_DECODE_THREADS", "1")  # one thread for the decode steps
+    assert rollout.decode_threads() == 1
     one = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=6)
     assert torch.get_num_threads() == before
-    monkeypatch.setenv("OPCD_DECODE_THREADS", "0")  # leave torch's setting
+    monkeypatch.delenv("OPCD_DECODE_THREADS")  # default: leave torch's setting
     assert rollout.decode_threads() == 0
     same = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=6)
     assert one.response_ids == same.response_ids
     monkeypatch.setenv("OPCD_DECODE_THREADS", "x")
-    assert rollout.decode_threads() == 1
+    assert rollout.decode_threads() == 0

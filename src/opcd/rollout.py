@@ -110,19 +110,21 @@ def row_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def decode_threads() -> int:
-    """CPU threads for the token-by-token steps: ``$OPCD_DECODE_THREADS``, default 1 (0: leave
-    torch's setting).
+    """CPU threads for the token-by-token steps: ``$OPCD_DECODE_THREADS``, default 0 (leave
+    torch's setting, i.e. every core).
 
-    A decode step is a chain of a few hundred small, memory-bound ops; with several OpenMP
-    threads each op waits for every thread, and on a CPU shared with other work (a thread
-    descheduled) that wait dominates: measured here on 2 shared cores, Qwen2.5-0.5B, 8 rows,
-    1 thread took 0.37-0.41 s per step against 1.2-2.1 s with 2. The prompt read (one large
-    matrix product per layer) keeps all threads.
+    A decode step is a chain of a few hundred small, memory-bound ops, and each op waits for
+    every OpenMP thread: on a dedicated CPU more threads are faster (measured on 2 idle
+    cores, Qwen2.5-0.5B, 8 rows: 0.26 s per step with 2 threads, 0.51 s with 1), but on a
+    CPU shared with other work a descheduled thread stalls every op (the same step, on 2
+    cores busy with another job: 1.2-2.1 s with 2 threads, 0.37-0.41 s with 1). Set
+    ``OPCD_DECODE_THREADS=1`` there. The prompt read (one large matrix product per layer)
+    always keeps all threads.
     """
     try:
-        return max(0, int(os.environ.get("OPCD_DECODE_THREADS", "1")))
+        return max(0, int(os.environ.get("OPCD_DECODE_THREADS", "0")))
     except ValueError:
-        return 1
+        return 0
 
 
 @contextlib.contextmanager
