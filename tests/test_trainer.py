@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from opcd.config import config_from_dict
 from opcd.errors import DataError, ModelError, RunFolderError
-from opcd.trainer import Trainer, train
+from opcd.trainer import Trainer, build_optimizer, train
 
 
 def write_prompts(path: Path, n: int = 12) -> Path:
@@ -209,3 +209,57 @@ def test_teacher_tokenizer_mismatch(tiny_model_dir: Path, tmp_path: Path) -> Non
     cfg = tiny_config(tiny_model_dir, tmp_path, teacher={"mode": "model", "model": str(other)})
     with pytest.raises(ModelError, match="tokenizer"):
         train(cfg, progress=False)
+
+
+def _adamw_pair() -> tuple[list[torch.nn.Parameter], ...]:
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    return tuple([torch.nn.Parameter(t.clone()) for t in base] for _ in range(2))
+
+
+def _steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_fused_adamw_takes_the_default_adamw_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+    fused_p, plain_p = _adamw_pair()
+    start = [p.detach().clone() for p in fused_p]
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, train={"weight_decay": 0.1}))
+    fused = build_optimizer(fused_p, cfg)
+    plain = build_optimizer(plain_p, config_from_dict(
+        tiny_config(tiny_model_dir, tmp_path, perf={"fused_optimizer": False}, train={"weight_decay": 0.1})))
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    _steps(fused, fused_p, 4, seed=1)
+    _steps(plain, plain_p, 4, seed=1)
+    for a, b, a0 in zip(fused_p, plain_p, start, strict=True):
+        assert (a - a0).abs().max() > 1e-3  # the steps moved the weights
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_optimizer_state_resumes_across_fused_and_default(
+    tiny_model_dir: Path, tmp_path: Path, saved_fused: bool
+) -> None:
+    """A checkpoint written by either AdamW resumes under the other; the run's choice stays."""
+    from opcd import checkpoint as ckpt
+
+    first_p, second_p = _adamw_pair()
+    cfg_of = {f: config_from_dict(tiny_config(tiny_model_dir, tmp_path, perf={"fused_optimizer": f}))
+              for f in (False, True)}
+    first = build_optimizer(first_p, cfg_of[saved_fused])
+    _steps(first, first_p, 3, seed=2)
+    torch.save(first.state_dict(), tmp_path / ckpt.OPTIMIZER_FILE)
+    with torch.no_grad():
+        for a, b in zip(second_p, first_p, strict=True):
+            a.copy_(b)
+    second = build_optimizer(second_p, cfg_of[not saved_fused])
+    ckpt.load_optimizer(tmp_path, second)
+    assert bool(second.param_groups[0]["fused"]) is (not saved_fused)
+    _steps(first, first_p, 2, seed=3)
+    _steps(second, second_p, 2, seed=3)
+    for a, b in zip(first_p, second_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

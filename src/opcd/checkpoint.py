@@ -381,6 +381,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer's state; its implementation (fused or not) stays the current one.
+
+    ``load_state_dict`` would also take the saved run's ``fused``/``foreach`` switches: a
+    checkpoint written with another ``perf.fused_optimizer`` (or on a device without a fused
+    kernel) resumes with this run's choice, the step counters moved where it needs them.
+    """
+    kinds = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
     try:
         sd = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(sd)
@@ -388,6 +395,13 @@ def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: the optimizer state cannot be restored ({e})"
         ) from None
+    for group, (fused, foreach) in zip(optimizer.param_groups, kinds, strict=True):
+        group["fused"], group["foreach"] = fused, foreach
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):  # fused/capturable: on the parameter's device
+                on_device = fused or group.get("capturable")
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
 def load_weights(ckpt: Path, model: nn.Module, lora: bool) -> None:

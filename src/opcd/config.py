@@ -196,6 +196,10 @@ class PerfConfig:
     """Cached prefixes are cut at multiples of this many tokens (reproducible reuse)."""
     prefix_cache_tokens: int = 16384
     """Most prefix tokens whose keys/values are kept (least recently used dropped)."""
+    fused_optimizer: bool = True
+    """AdamW's fused kernel: one pass over each parameter and no whole-model temporaries
+    (torch's default multi-tensor AdamW allocates several copies of the weights' size per
+    step). Falls back to the default where torch has no fused kernel for the parameters."""
 
 
 @dataclass
