@@ -386,26 +386,35 @@ def distill_token_loss(
     indices, valid = select_slots(student_logp, teacher_logp, k, slot_source)
     s_slots = student_logp.gather(-1, indices)
     t_slots = teacher_logp.gather(-1, indices)
+    loss = _slot_objective(s_slots, t_slots, valid, objective, renormalize, beta)
+    with torch.no_grad():
+        full = student_logp.detach()
+        # -sum p log p with 0 log 0 = 0, in one [N, V] buffer: where p == 0 the product is
+        # 0 (finite log p) or nan (log p = -inf), and nan becomes 0.
+        prod = full.exp().mul_(full)
+        entropy = -prod.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)
+    return _token_loss_record(loss, s_slots, t_slots, valid, renormalize, entropy)
 
+
+def _slot_objective(s_slots: Tensor, t_slots: Tensor, valid: Tensor, objective: str,
+                    renormalize: bool, beta: float) -> Tensor:
+    """The per-token divergence ``[N]`` from the log-probabilities at the slots."""
     if objective == "reverse_kl":
-        loss = reverse_kl_slots(s_slots, t_slots, valid, renormalize)
-    elif objective == "forward_kl":
-        loss = forward_kl_slots(s_slots, t_slots, valid, renormalize)
-    else:
-        loss = jsd_slots(s_slots, t_slots, valid, renormalize, beta=beta)
+        return reverse_kl_slots(s_slots, t_slots, valid, renormalize)
+    if objective == "forward_kl":
+        return forward_kl_slots(s_slots, t_slots, valid, renormalize)
+    return jsd_slots(s_slots, t_slots, valid, renormalize, beta=beta)
 
+
+def _token_loss_record(loss: Tensor, s_slots: Tensor, t_slots: Tensor, valid: Tensor,
+                       renormalize: bool, entropy: Tensor) -> TokenLoss:
+    """:class:`TokenLoss` of ``loss`` with the detached KL and top-k masses of the slots."""
     with torch.no_grad():
         s_det = s_slots.detach()
         zero = torch.zeros_like(s_det)
         kl = reverse_kl_slots(s_det, t_slots, valid, renormalize)
         student_mass = torch.where(valid, s_det.exp(), zero).sum(dim=-1)
         teacher_mass = torch.where(valid, t_slots.exp(), zero).sum(dim=-1)
-        full = student_logp.detach()
-        # -sum p log p with 0 log 0 = 0, in one [N, V] buffer: where p == 0 the product is
-        # 0 (finite log p) or nan (log p = -inf), and nan becomes 0.
-        prod = full.exp().mul_(full)
-        entropy = -prod.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)
-
     return TokenLoss(
         loss=loss,
         kl=kl,
@@ -571,6 +580,71 @@ def _cat_tokens(parts: list[TokenLoss], like: Tensor) -> TokenLoss:
     )
 
 
+@dataclass(frozen=True)
+class _SlotSpec:
+    """The settings of :func:`distill_token_loss`, for the in-place chunk computation."""
+
+    objective: str
+    k: int
+    temperature: float
+    renormalize: bool
+    slot_source: str
+    beta: float
+
+
+def _softmax_in_place(x: Tensor) -> Tensor:
+    """Turn ``x`` (logits ``[n, V]``) into ``softmax(x)`` in place; return ``logsumexp(x)`` ``[n, 1]``."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    x.sub_(m).exp_()
+    total = x.sum(dim=-1, keepdim=True)
+    x.div_(total)
+    return m + total.log()
+
+
+def _in_place_chunk(
+    hs: Tensor, w_s: Tensor, b_s: Tensor | None, ht: Tensor, w_t: Tensor, b_t: Tensor | None,
+    weights: Tensor, spec: _SlotSpec, buf_s: Tensor, buf_t: Tensor,
+) -> tuple[TokenLoss, Tensor, Tensor]:
+    """One chunk of :func:`distill_token_loss`, both models' ``[n, V]`` logits computed into
+    two preallocated buffers and never copied: ``(token loss, weighted sum, dz)``, ``dz`` (the
+    gradient of the weighted sum w.r.t. the student's logits) a view of ``buf_s``.
+
+    The loss reads the student's log-probabilities only at the slots, ``s_i = z_i / T - lse``,
+    so with ``g = d loss / d s`` (from the slot-level objective, a few hundred columns) the
+    logits' gradient is ``(scatter(g) - softmax(z / T) * sum(g)) / T``: the softmax is made
+    in place in ``buf_s`` and turned into ``dz`` there. The teacher's buffer then holds the
+    entropy's ``p log p``. Slots are chosen on the logits (same order as the log-probs).
+    """
+    n = hs.shape[0]
+    z, zt = buf_s[:n], buf_t[:n]
+    torch.mm(hs, w_s.t(), out=z)
+    torch.mm(ht, w_t.t(), out=zt)
+    if b_s is not None:
+        z.add_(b_s)
+    if b_t is not None:
+        zt.add_(b_t)
+    T = spec.temperature
+    if T != 1:
+        z.div_(T)
+        zt.div_(T)
+    idx, valid = select_slots(z, zt, spec.k, spec.slot_source)
+    z_slots, zt_slots = z.gather(-1, idx), zt.gather(-1, idx)
+    t_slots = zt_slots - _softmax_in_place(zt)
+    s_slots = (z_slots - _softmax_in_place(z)).requires_grad_()  # z now holds softmax(z / T)
+    torch.xlogy(z, z, out=zt)
+    entropy = -zt.sum(dim=-1)
+    with torch.enable_grad():
+        loss = _slot_objective(s_slots, t_slots, valid, spec.objective, spec.renormalize, spec.beta)
+        lc = (loss * weights.to(loss.dtype)).sum()
+        (g,) = torch.autograd.grad(lc, s_slots)
+    z.mul_(-g.sum(dim=-1, keepdim=True)).scatter_add_(-1, idx, g)
+    if T != 1:
+        z.div_(T)
+    tl = _token_loss_record(loss.detach(), s_slots, t_slots, valid, spec.renormalize, entropy)
+    return tl, lc.detach(), z
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """``sum_t w_t * loss_t`` over chunks of tokens, the output head fused in.
 
@@ -584,7 +658,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor,
         w_t: Tensor | Callable[[Tensor], Tensor], b_t: Tensor | None, weights: Tensor,
-        sampled: Tensor | None, fn: TokenLossFn, chunk: int, parts: list[TokenLoss],
+        sampled: Tensor | None, fn: TokenLossFn | _SlotSpec, chunk: int, parts: list[TokenLoss],
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # head gradients are sums over chunks: accumulate half-precision ones in fp32
@@ -594,9 +668,27 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_b = (torch.zeros(b_s.shape, dtype=acc, device=b_s.device)
                   if need_b and b_s is not None else None)
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        if isinstance(fn, _SlotSpec):
+            assert isinstance(w_t, Tensor)
+            rows = min(chunk, h_s.shape[0])
+            buf_s = h_s.new_empty((rows, w_s.shape[0]))
+            buf_t = h_s.new_empty((rows, w_t.shape[0]))
         for s in range(0, h_s.shape[0], chunk):
             e = min(s + chunk, h_s.shape[0])
             hs = h_s[s:e]
+            if isinstance(fn, _SlotSpec):
+                with torch.no_grad():
+                    tl, lc, dz = _in_place_chunk(hs, w_s, b_s, h_t[s:e], w_t, b_t, weights[s:e],
+                                                 fn, buf_s, buf_t)
+                total += lc.double()
+                parts.append(tl)
+                if grad_h is not None:
+                    torch.mm(dz, w_s, out=grad_h[s:e])
+                if grad_w is not None:
+                    grad_w.addmm_(dz.t(), hs)
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                continue
             with torch.no_grad():
                 z_t = _project(h_t[s:e], w_t, b_t)
                 z = _upcast(torch.nn.functional.linear(hs, w_s, b_s))
@@ -629,7 +721,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
-        scaled = tuple(None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b))
+        # in place: these buffers belong to this call (a head's gradient is the head's size)
+        scaled = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in (grad_h, grad_w, grad_b))
         return (*scaled, None, None, None, None, None, None, None, None)
 
 
@@ -692,6 +785,19 @@ def chunked_distill_loss(
     teacher_hidden = teacher_hidden.detach()
     parts: list[TokenLoss] = []
     if isinstance(student_head, Tensor):
+        # The built-in objectives on full-precision plain heads: logits in two reused
+        # buffers (no [chunk, V] temporaries, hence no fresh pages to fault in per chunk).
+        dtypes = {student_hidden.dtype, student_head.dtype, teacher_hidden.dtype}
+        if (token_loss is None and isinstance(teacher_head, Tensor)
+                and dtypes | {teacher_head.dtype} <= {torch.float32} | {torch.float64}
+                and len(dtypes | {teacher_head.dtype}) == 1):
+            _check_choice("objective", objective, OBJECTIVES)
+            _check_choice("slot_source", slot_source, SLOT_SOURCES)
+            _check_k(k)
+            _check_temperature(temperature)
+            if objective == "jsd":
+                _check_beta(beta)
+            fn = _SlotSpec(objective, k, temperature, renormalize, slot_source, beta)  # type: ignore[assignment]
         loss = _FusedHeadLoss.apply(
             student_hidden, student_head, student_bias, teacher_hidden, teacher_head, teacher_bias,
             token_weights.detach(), sampled, fn, chunk_size, parts,

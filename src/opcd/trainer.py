@@ -52,7 +52,12 @@ from opcd.errors import (
 )
 from opcd.evaluate import EvalResult, evaluate, merge_results
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
-from opcd.rollout_backends import RolloutBackend, build_backend, check_vllm_usable
+from opcd.rollout_backends import (
+    RolloutBackend,
+    build_backend,
+    check_vllm_usable,
+    slow_dtype_note,
+)
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
@@ -381,6 +386,10 @@ class Trainer:
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.backend: RolloutBackend = self._build_backend()
+        if cfg.rollout.dtype != "model" and self.dist.is_main:
+            note = slow_dtype_note(self.student, getattr(torch, cfg.rollout.dtype))
+            if note:
+                _warn(f"opcd: warning: {note}")
 
     def _build_backend(self) -> RolloutBackend:
         """The student's sampler (``rollout.backend``): see :mod:`opcd.rollout_backends`."""
@@ -395,6 +404,7 @@ class Trainer:
             r.backend, self.student, self.tokenizer, batch_size=r.batch_size, model_path=path,
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
             max_model_len=self.max_prompt_tokens + r.max_new_tokens, seed=self.cfg.train.seed,
+            dtype=None if r.dtype == "model" else getattr(torch, r.dtype),
         )
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
@@ -495,7 +505,7 @@ class Trainer:
                     response_hidden(self.student, sb)[mask], s_lin[0] if s_lin else s_head,
                     torch.cat(t_rows[sl]).to(self.device), t_head, weights[mask],
                     student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
-                    sampled=sb.response_ids[mask], token_loss=self._token_loss,
+                    sampled=sb.response_ids[mask], **self._chunk_loss_settings(),
                     chunk_size=perf.loss_chunk_tokens,
                 )
                 loss.backward()
@@ -588,6 +598,16 @@ class Trainer:
         n = max(n, 1.0)
         return {"episode_success": won / n, "episode_moves": moves / n,
                 "invalid_moves": invalid, "trained_turns": rows}
+
+    def _chunk_loss_settings(self) -> dict[str, Any]:
+        """The objective for :func:`opcd.losses.chunked_distill_loss`: the built-in slot
+        objectives by their settings (it then computes them in place), else :meth:`_token_loss`."""
+        lc = self.cfg.loss
+        if lc.objective == "sampled_token":
+            return {"token_loss": self._token_loss}
+        return {"objective": lc.objective, "k": lc.top_k, "temperature": self.cfg.rollout.temperature,
+                "renormalize": lc.renormalize, "slot_source": "union" if lc.union else "student",
+                "beta": lc.beta}
 
     def _token_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled: torch.Tensor
