@@ -86,6 +86,79 @@ def test_trainer_samples_through_its_backend_and_syncs_after_each_update(
     assert calls == ["sample", "sync", "sample", "sync"]
 
 
+def test_cast_copy_keeps_ties_and_leaves_the_model_alone(tiny: Any) -> None:
+    model, _, _ = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    half = rollout_backends.cast_copy(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in half.parameters())
+    assert not half.training
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        assert half.get_output_embeddings().weight is half.get_input_embeddings().weight
+    for (name, p), (_, q) in zip(model.named_parameters(), half.named_parameters(), strict=True):
+        assert torch.equal(q, p.detach().to(torch.bfloat16)), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_hf_backend_in_another_dtype_samples_a_synced_copy(tiny: Any) -> None:
+    model, tok, prompts = tiny
+    student = copy.deepcopy(model)
+    same = HFBackend(student, tok, dtype=torch.float32)  # the model's own dtype: no copy
+    assert same.model is student
+    backend = HFBackend(student, tok, batch_size=4, dtype=torch.float64)
+    assert backend.model is not student
+    kw = dict(n=2, temperature=0.0, max_new_tokens=6, seeds=[1, 2, 3])
+    # float64 rounds nothing away: greedy samples equal the training model's
+    _same(backend.sample(prompts, **kw), rollout.sample(student, tok, prompts, batch_size=4, **kw))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # an "update"
+    stale = [(q - p.double()).abs().max().item()
+             for p, q in zip(student.parameters(), backend.model.parameters(), strict=True)]
+    assert max(stale) > 0.01
+    backend.sync_weights(student)
+    for p, q in zip(student.parameters(), backend.model.parameters(), strict=True):
+        assert torch.equal(q, p.detach().double())
+    _same(backend.sample(prompts, **kw), rollout.sample(student, tok, prompts, batch_size=4, **kw))
+
+
+def test_trainer_with_a_bf16_rollout_copy_syncs_it_after_each_update(
+    tiny_model_dir: Path, tmp_path: Path,
+) -> None:
+    from test_trainer import tiny_config
+
+    from opcd.trainer import Trainer
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, rollout={"dtype": "bfloat16"})
+    trainer = Trainer(config_from_dict(cfg), progress=False)
+    copy_model = trainer.backend.model
+    assert copy_model is not trainer.student
+    assert next(copy_model.parameters()).dtype == torch.bfloat16
+    initial = [p.detach().clone() for p in trainer.student.parameters()]
+    for _ in range(2):
+        m = trainer.train_step()
+        assert m["response_len"] > 0
+    moved = max((p - p0).abs().max().item()
+                for p, p0 in zip(trainer.student.parameters(), initial, strict=True))
+    assert moved > 0  # lr 1e-2: the weights changed, and the copy followed them
+    for p, q in zip(trainer.student.parameters(), copy_model.parameters(), strict=True):
+        assert torch.equal(q, p.detach().to(torch.bfloat16))
+    assert next(trainer.student.parameters()).dtype == torch.float32
+
+
+def test_a_dtype_slower_than_float32_is_named_with_the_fix(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _, _ = tiny
+    assert 0 < rollout_backends.matmul_seconds(torch.float32, 16) < 1
+    times = {torch.float32: 1e-3, torch.bfloat16: 4e-3}
+    monkeypatch.setattr(rollout_backends, "matmul_seconds", lambda dtype, hidden: times[dtype])
+    note = rollout_backends.slow_dtype_note(model, torch.bfloat16)
+    assert note is not None and "4.0x slower" in note and "Remove rollout.dtype" in note
+    times[torch.bfloat16] = 0.5e-3
+    assert rollout_backends.slow_dtype_note(model, torch.bfloat16) is None
+
+
 # --------------------------------------------------------------------------- config
 def _cfg(tmp_path: Path, **rollout_keys: Any) -> dict[str, Any]:
     return {"model": "unused", "run": {"dir": str(tmp_path / "run")}, "rollout": rollout_keys}
@@ -115,6 +188,18 @@ def test_vllm_is_refused_for_other_methods(tmp_path: Path, method: str) -> None:
     cfg = _cfg(tmp_path, backend="vllm", n=2)
     cfg["method"] = method
     with pytest.raises(ConfigError, match=f"not supported for method={method}.*rollout.backend=hf"):
+        config_from_dict(cfg)
+
+
+@pytest.mark.parametrize(("keys", "method", "match"), [
+    ({"dtype": "bfloat16", "backend": "vllm"}, "opcd", "applies to rollout.backend=hf"),
+    ({"dtype": "bfloat16", "n": 2}, "ovd", "method=opcd only"),
+    ({"dtype": "fp8"}, "opcd", "rollout.dtype"),
+])
+def test_rollout_dtype_config_errors(tmp_path: Path, keys: dict[str, Any], method: str, match: str) -> None:
+    cfg = _cfg(tmp_path, **keys)
+    cfg["method"] = method
+    with pytest.raises(ConfigError, match=match):
         config_from_dict(cfg)
 
 

@@ -89,16 +89,32 @@ class RolloutBackend(ABC):
 
 
 class HFBackend(RolloutBackend):
-    """:func:`opcd.rollout.sample` on the training model (no copy, nothing to sync)."""
+    """:func:`opcd.rollout.sample` on the training model, or on a copy of it in ``dtype``.
+
+    Without ``dtype`` (or with the model's own) it samples with the training model: no copy,
+    nothing to sync. With another dtype it keeps a copy of the student in that dtype
+    (:func:`cast_copy`) and :meth:`sync_weights` copies the trained parameters into it.
+    """
 
     name = "hf"
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *,
-                 batch_size: int = 16, engine: str = "auto") -> None:
-        self.model = model
+                 batch_size: int = 16, engine: str = "auto",
+                 dtype: torch.dtype | None = None) -> None:
+        own = next(model.parameters()).dtype
+        self.copy = dtype is not None and dtype != own
+        self.model = cast_copy(model, dtype) if self.copy and dtype is not None else model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.engine = engine
+
+    def sync_weights(self, model: nn.Module) -> None:
+        if not self.copy:
+            return
+        with torch.no_grad():
+            for dst, src in zip(self.model.parameters(), model.parameters(), strict=True):
+                if src.requires_grad:  # frozen ones (LoRA's base, a frozen head) never change
+                    dst.copy_(src)
 
     def sample(
         self,
@@ -119,6 +135,51 @@ class HFBackend(RolloutBackend):
 
 
 # --------------------------------------------------------------------------- vLLM
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose parameters are in ``dtype`` (buffers copied as they are).
+
+    Each parameter is cast straight into the copy (never a second full-precision copy), and
+    parameters shared by several modules (tied embeddings) stay shared. The copy is frozen and
+    in eval mode.
+    """
+    import copy
+
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()
+    }
+    out = copy.deepcopy(model, memo)
+    return out.eval()
+
+
+def matmul_seconds(dtype: torch.dtype, hidden: int, rows: int = 8, repeats: int = 5) -> float:
+    """Fastest of ``repeats`` decode-shaped CPU products ``[rows, hidden] @ [hidden, 4 hidden]``."""
+    import time
+
+    a = torch.randn(rows, hidden).to(dtype)
+    w = torch.randn(4 * hidden, hidden).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def slow_dtype_note(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """A warning when ``dtype`` multiplies slower than float32 on this CPU (no bf16/fp16
+    matrix units: torch then emulates it, measured elsewhere at 0.3 GFLOP/s), else None."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 1024)
+    fast, slow = matmul_seconds(torch.float32, hidden), matmul_seconds(dtype, hidden)
+    if slow <= fast:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"rollout.dtype={name} multiplies {slow / fast:.1f}x slower than float32 on this "
+            f"CPU ({slow * 1e3:.2f} ms against {fast * 1e3:.2f} ms for one decode-sized product): "
+            "it has no matrix units for that dtype. Remove rollout.dtype to sample in float32.")
+
+
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -318,10 +379,11 @@ def build_backend(
     gpu_memory_utilization: float = 0.3,
     max_model_len: int | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> RolloutBackend:
-    """The backend ``name`` (``hf`` or ``vllm``) for ``model``."""
+    """The backend ``name`` (``hf`` or ``vllm``) for ``model``; ``dtype``: see :class:`HFBackend`."""
     if name == "hf":
-        return HFBackend(model, tokenizer, batch_size=batch_size)
+        return HFBackend(model, tokenizer, batch_size=batch_size, dtype=dtype)
     if name == "vllm":
         return VllmBackend(model, tokenizer, model_path=model_path,
                            gpu_memory_utilization=gpu_memory_utilization,
