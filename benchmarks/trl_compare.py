@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import trl
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from opcd.bench import BenchSpec, matmul_gflops, peak_rss_bytes, synthetic_task
@@ -103,17 +105,39 @@ def main(argv: list[str] | None = None) -> int:
                     phase["teacher"] += time.perf_counter() - t
 
         trainer._generate, trainer._forward_logits = timed_generate, timed_forward
+        steps: list[dict[str, float]] = []  # wall and phase seconds of each optimizer step
+
+        class StepTimes(TrainerCallback):
+            def on_step_begin(self, *a: Any, **k: Any) -> None:
+                steps.append({"start": time.perf_counter(), **phase})
+
+            def on_step_end(self, *a: Any, **k: Any) -> None:
+                s = steps[-1]
+                s["wall"] = time.perf_counter() - s["start"]
+                for key in phase:
+                    s[key] = phase[key] - s[key]
+
+        trainer.add_callback(StepTimes())
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
     tokens = args.batch * args.response * args.steps
     rss = peak_rss_bytes()
     rest = wall - phase["rollout"] - phase["teacher"]
-    row = (f"| step | TRL {trl.__version__} SDFTTrainer | {wall:.2f} | {tokens / wall:.1f} | "
-           f"{rss / 2**30:.2f} | - | {args.steps} step(s): rollout {phase['rollout']:.1f}s, teacher "
-           f"{phase['teacher']:.1f}s, student forward/backward/optimizer {rest:.1f}s |")
+    name = f"TRL {trl.__version__} SDFTTrainer"
+    rows = [f"| step | {name} | {wall:.2f} | {tokens / wall:.1f} | "
+            f"{rss / 2**30:.2f} | - | {args.steps} step(s): rollout {phase['rollout']:.1f}s, teacher "
+            f"{phase['teacher']:.1f}s, student forward/backward/optimizer {rest:.1f}s |"]
+    if args.steps > 1:  # each step alone: the first one also allocates AdamW's moments
+        for i, s in enumerate(steps, 1):
+            if "wall" in s:
+                rows.append(
+                    f"| step {i} | {name} | {s['wall']:.2f} | "
+                    f"{args.batch * args.response / s['wall']:.1f} | - | - | rollout "
+                    f"{s['rollout']:.1f}s, teacher {s['teacher']:.1f}s, student forward/backward/"
+                    f"optimizer {s['wall'] - s['rollout'] - s['teacher']:.1f}s |")
     table = ("| phase | mode | seconds | response tok/s | peak RSS GiB | MFU | notes |\n"
-             "|---|---|---:|---:|---:|---:|---|\n" + row)
+             "|---|---|---:|---:|---:|---:|---|\n" + "\n".join(rows))
     print(table)
     command = "/work/venv-trl/bin/python benchmarks/trl_compare.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

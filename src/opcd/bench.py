@@ -8,8 +8,10 @@ For one model, batch, context length, prompt length and response length it measu
 - ``teacher``: scoring ``batch`` responses under the context, naive (every row runs its
   whole prompt) against prefix reuse, in one process: *cold* (the context prefix is
   computed in this call) and *warm* (it is reused: every step after the first for a frozen
-  teacher and a fixed context). Both produce the full-vocabulary log-probs of the response
-  positions; their largest absolute difference is reported.
+  teacher and a fixed context). Both produce the full-vocabulary distributions of the response
+  positions (naive: ``log_softmax`` of each micro-batch's logits; fast: 256 positions at a
+  time in one reused buffer, as the trainer's loss does); the largest absolute difference of
+  their log-probs is reported.
 - ``step``: whole OPCD steps (:meth:`opcd.trainer.Trainer.train_step`: rollout, teacher,
   update), ``fast`` (the defaults) against ``naive`` (``perf.prefix_cache=false
   perf.chunked_loss=false``), each in a fresh subprocess so that its peak resident memory
@@ -214,6 +216,7 @@ def _teacher_worker(spec: BenchSpec) -> list[dict[str, Any]]:
     import torch
 
     from opcd.chat import encode_chat
+    from opcd.losses import softmax_in_place
     from opcd.models import load_model
     from opcd.rollout import eos_ids
     from opcd.scoring import pack, response_hidden
@@ -237,11 +240,18 @@ def _teacher_worker(spec: BenchSpec) -> list[dict[str, Any]]:
     head = model.get_output_embeddings()
     sampled = torch.tensor([t for r in responses for t in r])
 
-    def token_logps(hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> log p(sampled), chunked
+    def token_logps(hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> log p(sampled), as the trainer's loss computes the teacher's log-probs:
+        256 positions at a time, the full-vocabulary logits and softmax in one reused buffer."""
+        buf = hidden.new_empty((min(256, hidden.shape[0]), head.weight.shape[0]))
         out = []
         for s in range(0, hidden.shape[0], 256):
-            logp = torch.log_softmax(head(hidden[s : s + 256]).float(), -1)
-            out.append(logp.gather(-1, sampled[s : s + 256, None])[:, 0])
+            z = buf[: min(256, hidden.shape[0] - s)]
+            torch.mm(hidden[s : s + 256], head.weight.t(), out=z)
+            if head.bias is not None:
+                z.add_(head.bias)
+            picked = z.gather(-1, sampled[s : s + 256, None])[:, 0]
+            out.append(picked - softmax_in_place(z)[:, 0])
         return torch.cat(out)
 
     rows: list[dict[str, Any]] = []
@@ -398,10 +408,12 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
                     note += (f"; {n_rows // group} prompts x {group}, replaced "
                              f"{m['replaced_frac']:.2f}, verbal score {m['verbal_score'] or 0:.2f}")
                 rows.append(_row("step", mode, wall, n_tok, **common, note=note))
-                rows.append(_row("rollout", mode, m["time_rollout"], n_tok, **common))
-                rows.append(_row("teacher (in step)", mode, m["time_teacher"], n_tok, **common))
+                which = f"step {step + 1}" if spec.steps > 1 else ""
+                rows.append(_row("rollout", mode, m["time_rollout"], n_tok, **common, note=which))
+                rows.append(_row("teacher (in step)", mode, m["time_teacher"], n_tok, **common,
+                                 note=which))
                 rows.append(_row("update (in step)", mode, m["time_update"], n_tok, mfu=mfu,
-                                 update_gflop=flops / 1e9, **common))
+                                 update_gflop=flops / 1e9, **common, note=which))
     rss = peak_rss_bytes()
     best = max(peak, matmul_gflops(spec.matmul_seconds))  # again at the end: the best of both
     for r in rows:
@@ -483,7 +495,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     out = []
 
     def find(phase: str, mode: str) -> dict[str, Any] | None:
-        return next((r for r in rows if r["phase"] == phase and r["mode"] == mode), None)
+        """The last step's row (with --steps > 1: the steady state, AdamW's moments allocated)."""
+        hits = [r for r in rows if r["phase"] == phase and r["mode"] == mode]
+        return hits[-1] if hits else None
 
     for phase, what in (("teacher", "teacher scoring (log-probs)"),
                         ("teacher forward", "teacher forward (hidden states)")):
@@ -498,6 +512,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         if not (f_ and n_):
             continue
         what = "whole step" if phase == "step" else "teacher + update (synthetic rollout)"
+        if f_.get("step", 1) > 1:
+            what += f" (step {f_['step']})"
         out.append(f"{what} throughput fast / naive: {f_['tok_s'] / n_['tok_s']:.2f}x")
         for key, label in (("peak_rss", "peak RSS"),
                            ("peak_rss_before_optimizer", "peak RSS before the optimizer step")):

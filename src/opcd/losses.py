@@ -81,6 +81,7 @@ __all__ = [
     "SLOT_SOURCES",
     "TokenLoss",
     "chunked_distill_loss",
+    "softmax_in_place",
     "distill_token_loss",
     "forward_kl_slots",
     "jsd_slots",
@@ -592,7 +593,7 @@ class _SlotSpec:
     beta: float
 
 
-def _softmax_in_place(x: Tensor) -> Tensor:
+def softmax_in_place(x: Tensor) -> Tensor:
     """Turn ``x`` (logits ``[n, V]``) into ``softmax(x)`` in place; return ``logsumexp(x)`` ``[n, 1]``."""
     m = x.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -630,8 +631,8 @@ def _in_place_chunk(
         zt.div_(T)
     idx, valid = select_slots(z, zt, spec.k, spec.slot_source)
     z_slots, zt_slots = z.gather(-1, idx), zt.gather(-1, idx)
-    t_slots = zt_slots - _softmax_in_place(zt)
-    s_slots = (z_slots - _softmax_in_place(z)).requires_grad_()  # z now holds softmax(z / T)
+    t_slots = zt_slots - softmax_in_place(zt)
+    s_slots = (z_slots - softmax_in_place(z)).requires_grad_()  # z now holds softmax(z / T)
     torch.xlogy(z, z, out=zt)
     entropy = -zt.sum(dim=-1)
     with torch.enable_grad():
