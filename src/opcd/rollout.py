@@ -115,7 +115,7 @@ def decode_threads() -> int:
 
     A decode step is a chain of a few hundred small, memory-bound ops, and each op waits for
     every OpenMP thread: on a dedicated CPU more threads are faster (measured on 2 idle
-    cores, Qwen2.5-0.5B, 8 rows: 0.26 s per step with 2 threads, 0.51 s with 1), but on a
+    cores, Qwen2.5-0.5B, 8 rows: 0.23 s per step with 2 threads, 0.43 s with 1), but on a
     CPU shared with other work a descheduled thread stalls every op (the same step, on 2
     cores busy with another job: 1.2-2.1 s with 2 threads, 0.37-0.41 s with 1). Set
     ``OPCD_DECODE_THREADS=1`` there. The prompt read (one large matrix product per layer)
