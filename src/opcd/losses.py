@@ -146,6 +146,16 @@ def _check_beta(beta: float) -> None:
         )
 
 
+def _check_objective_settings(objective: str, slot_source: str, k: int, temperature: float,
+                              beta: float) -> None:
+    _check_choice("objective", objective, OBJECTIVES)
+    _check_choice("slot_source", slot_source, SLOT_SOURCES)
+    _check_k(k)
+    _check_temperature(temperature)
+    if objective == "jsd":
+        _check_beta(beta)
+
+
 def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(
@@ -367,12 +377,7 @@ def distill_token_loss(
     Returns:
         :class:`TokenLoss` with ``[N]`` tensors.
     """
-    _check_choice("objective", objective, OBJECTIVES)
-    _check_choice("slot_source", slot_source, SLOT_SOURCES)
-    _check_k(k)
-    _check_temperature(temperature)
-    if objective == "jsd":
-        _check_beta(beta)
+    _check_objective_settings(objective, slot_source, k, temperature, beta)
     _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
         raise ValueError(
@@ -788,16 +793,11 @@ def chunked_distill_loss(
     if isinstance(student_head, Tensor):
         # The built-in objectives on full-precision plain heads: logits in two reused
         # buffers (no [chunk, V] temporaries, hence no fresh pages to fault in per chunk).
-        dtypes = {student_hidden.dtype, student_head.dtype, teacher_hidden.dtype}
-        if (token_loss is None and isinstance(teacher_head, Tensor)
-                and dtypes | {teacher_head.dtype} <= {torch.float32} | {torch.float64}
-                and len(dtypes | {teacher_head.dtype}) == 1):
-            _check_choice("objective", objective, OBJECTIVES)
-            _check_choice("slot_source", slot_source, SLOT_SOURCES)
-            _check_k(k)
-            _check_temperature(temperature)
-            if objective == "jsd":
-                _check_beta(beta)
+        dtypes = {student_hidden.dtype, student_head.dtype, teacher_hidden.dtype,
+                  None if not isinstance(teacher_head, Tensor) else teacher_head.dtype}
+        if (token_loss is None and len(dtypes) == 1
+                and dtypes <= {torch.float32, torch.float64}):
+            _check_objective_settings(objective, slot_source, k, temperature, beta)
             fn = _SlotSpec(objective, k, temperature, renormalize, slot_source, beta)  # type: ignore[assignment]
         loss = _FusedHeadLoss.apply(
             student_hidden, student_head, student_bias, teacher_hidden, teacher_head, teacher_bias,
