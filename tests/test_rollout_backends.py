@@ -87,13 +87,14 @@ def test_trainer_samples_through_its_backend_and_syncs_after_each_update(
 
 
 def test_cast_copy_keeps_ties_and_leaves_the_model_alone(tiny: Any) -> None:
-    model, _, _ = tiny
+    _, tok, _ = tiny
+    model = build_tiny_model(len(tok), tie=True)  # tied input and output embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     before = {k: v.clone() for k, v in model.state_dict().items()}
     half = rollout_backends.cast_copy(model, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in half.parameters())
     assert not half.training
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        assert half.get_output_embeddings().weight is half.get_input_embeddings().weight
+    assert half.get_output_embeddings().weight is half.get_input_embeddings().weight
     for (name, p), (_, q) in zip(model.named_parameters(), half.named_parameters(), strict=True):
         assert torch.equal(q, p.detach().to(torch.bfloat16)), name
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
