@@ -651,6 +651,22 @@ def _in_place_chunk(
     return tl, lc.detach(), z
 
 
+def _generic_chunk(
+    hs: Tensor, w_s: Tensor, b_s: Tensor | None, ht: Tensor, w_t: Tensor | Callable[[Tensor], Tensor],
+    b_t: Tensor | None, weights: Tensor, sampled: Tensor | None, fn: TokenLossFn, need_grad: bool,
+) -> tuple[TokenLoss, Tensor, Tensor | None]:
+    """One chunk through any token loss ``fn`` on fresh logits; the logits' gradient by
+    autograd (None when nothing needs it). Same return as :func:`_in_place_chunk`."""
+    z_t = _project(ht, w_t, b_t)
+    z = _upcast(torch.nn.functional.linear(hs, w_s, b_s))
+    with torch.enable_grad():
+        z.requires_grad_(need_grad)
+        tl = fn(z, z_t, sampled)
+        lc = (tl.loss * weights.to(tl.loss.dtype)).sum()
+        dz = torch.autograd.grad(lc, z)[0] if need_grad else None
+    return tl, lc.detach(), dz
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """``sum_t w_t * loss_t`` over chunks of tokens, the output head fused in.
 
@@ -682,30 +698,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         for s in range(0, h_s.shape[0], chunk):
             e = min(s + chunk, h_s.shape[0])
             hs = h_s[s:e]
-            if isinstance(fn, _SlotSpec):
-                with torch.no_grad():
+            with torch.no_grad():
+                if isinstance(fn, _SlotSpec):
                     tl, lc, dz = _in_place_chunk(hs, w_s, b_s, h_t[s:e], w_t, b_t, weights[s:e],
                                                  fn, buf_s, buf_t)
-                total += lc.double()
-                parts.append(tl)
-                if grad_h is not None:
-                    torch.mm(dz, w_s, out=grad_h[s:e])
-                if grad_w is not None:
-                    grad_w.addmm_(dz.t(), hs)
-                if grad_b is not None:
-                    grad_b += dz.sum(0)
-                continue
-            with torch.no_grad():
-                z_t = _project(h_t[s:e], w_t, b_t)
-                z = _upcast(torch.nn.functional.linear(hs, w_s, b_s))
-            with torch.enable_grad():
-                z.requires_grad_(need_h or need_w or need_b)
-                tl = fn(z, z_t, None if sampled is None else sampled[s:e])
-                lc = (tl.loss * weights[s:e].to(tl.loss.dtype)).sum()
-                dz = torch.autograd.grad(lc, z)[0] if z.requires_grad else None
-            total += lc.detach().double()
+                else:
+                    tl, lc, dz = _generic_chunk(hs, w_s, b_s, h_t[s:e], w_t, b_t, weights[s:e],
+                                                None if sampled is None else sampled[s:e], fn,
+                                                need_h or need_w or need_b)
+            total += lc.double()
             parts.append(tl)
-            del z, z_t
             if dz is None:
                 continue
             if grad_h is not None:
