@@ -602,9 +602,13 @@ class Trainer:
     def _chunk_loss_settings(self) -> dict[str, Any]:
         """The objective for :func:`opcd.losses.chunked_distill_loss`: the built-in slot
         objectives by their settings (it then computes them in place), else :meth:`_token_loss`."""
-        lc = self.cfg.loss
-        if lc.objective == "sampled_token":
+        if self.cfg.loss.objective == "sampled_token":
             return {"token_loss": self._token_loss}
+        return self._slot_settings()
+
+    def _slot_settings(self) -> dict[str, Any]:
+        """:func:`opcd.losses.distill_token_loss`'s settings from the config."""
+        lc = self.cfg.loss
         return {"objective": lc.objective, "k": lc.top_k, "temperature": self.cfg.rollout.temperature,
                 "renormalize": lc.renormalize, "slot_source": "union" if lc.union else "student",
                 "beta": lc.beta}
@@ -612,14 +616,9 @@ class Trainer:
     def _token_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled: torch.Tensor
     ) -> losses.TokenLoss:
-        lc = self.cfg.loss
         T = self.cfg.rollout.temperature
-        if lc.objective != "sampled_token":
-            return losses.distill_token_loss(
-                student_logits, teacher_logits, objective=lc.objective, k=lc.top_k,
-                temperature=T, renormalize=lc.renormalize,
-                slot_source="union" if lc.union else "student", beta=lc.beta,
-            )
+        if self.cfg.loss.objective != "sampled_token":
+            return losses.distill_token_loss(student_logits, teacher_logits, **self._slot_settings())
         s_logp = losses.temperature_log_softmax(student_logits, T)
         with torch.no_grad():
             t_logp = losses.temperature_log_softmax(teacher_logits, T)
