@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
+from opcd.packing import packed_linears, should_pack
 from opcd.scoring import prefix_cache_supported, sdpa_gqa
 from opcd.tasks.base import derive_seed
 
@@ -229,6 +230,7 @@ def sample(
     ignore_eos: bool = False,
     engine: str = "auto",
     seeds: list[int] | None = None,
+    pack: bool | None = None,
 ) -> Rollout:
     """Sample ``n`` responses per prompt; ``temperature == 0`` means greedy.
 
@@ -238,7 +240,10 @@ def sample(
     for models with a plain key/value cache, else ``generate``). ``seeds``: one per prompt;
     response ``j`` of prompt ``i`` samples with its own generator seeded from
     ``(seeds[i], j)`` (the ``generate`` engine seeds torch's RNG per batch from them
-    instead, so only the ``loop`` engine is independent of the batch layout).
+    instead, so only the ``loop`` engine is independent of the batch layout). ``pack``: decode
+    with MKL-packed copies of the fp32 linear weights (:mod:`opcd.packing`); default
+    :func:`opcd.packing.should_pack` (CPU, fp32, ``max_new_tokens`` >= 128, and
+    ``$OPCD_PACKED_DECODE`` not ``0``).
     """
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -255,7 +260,12 @@ def sample(
         derive_seed("row", seeds[i], j) for i in range(len(prompts)) for j in range(n)
     ]
     out = Rollout([], [], [], [])
+    if pack is None:
+        pack = should_pack(model, max_new_tokens)
+    packing = contextlib.ExitStack()
     try:
+        if pack and rows:
+            packing.enter_context(packed_linears(model, min(batch_size, len(rows))))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             L = max(len(p) for _, p in chunk)
@@ -296,5 +306,6 @@ def sample(
                 out.texts.append(tokenizer.decode(resp, skip_special_tokens=True))
                 out.truncated.append(not ended)
     finally:
+        packing.close()
         model.train(was_training)
     return out

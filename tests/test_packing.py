@@ -1,0 +1,79 @@
+"""MKL-packed decode weights (:mod:`opcd.packing`): same products and samples as the plain
+weights up to float rounding, row results independent of the other rows, modules restored,
+and the ``auto`` policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from opcd import packing, rollout
+
+needs_mkl = pytest.mark.skipif(not packing.packing_available(),
+                               reason="this torch build has no MKL packed GEMM")
+
+
+@needs_mkl
+def test_packed_linear_equals_plain_and_rows_are_independent() -> None:
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(48, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 48, generator=g))
+    x = torch.randn(8, 48, generator=g)
+    want = lin(x)
+    with torch.no_grad(), packing.packed_linears(lin, rows=8) as n:
+        assert n == 1 and "forward" in lin.__dict__
+        got = lin(x)
+        three = lin(x[:3])  # fewer rows: padded up to the packed row count
+        other = x.clone()
+        other[3:] = torch.randn(5, 48, generator=g)
+        again = lin(other)
+        batched = lin(x.view(2, 4, 48))  # leading dims are flattened and restored
+        big = lin(torch.cat([x, x]))  # more rows than packed: the plain weights
+    assert "forward" not in lin.__dict__  # restored
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(three, got[:3]) and torch.equal(again[:3], got[:3])
+    assert torch.equal(batched.view(8, 40), got)
+    assert torch.equal(big, torch.cat([want, want]))
+
+
+@needs_mkl
+def test_forward_is_restored_after_an_error() -> None:
+    lin = nn.Linear(8, 8)
+    with pytest.raises(RuntimeError, match="boom"), packing.packed_linears(lin, rows=2):
+        raise RuntimeError("boom")
+    assert "forward" not in lin.__dict__
+    with pytest.raises(ValueError, match="rows must be at least 1"), packing.packed_linears(lin, 0):
+        pass
+
+
+def test_should_pack_policy(tiny, monkeypatch) -> None:
+    model, _ = tiny
+    monkeypatch.delenv("OPCD_PACKED_DECODE", raising=False)
+    long = packing.PACK_MIN_NEW_TOKENS
+    assert packing.should_pack(model, long) == packing.packing_available()
+    assert not packing.should_pack(model, long - 1)  # too short to pay for the packing
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "1")
+    assert packing.should_pack(model, 4) == packing.packing_available()
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "0")
+    assert not packing.should_pack(model, long)
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "auto")
+    assert not packing.should_pack(model.to(torch.bfloat16), long)  # fp32 weights only
+
+
+@needs_mkl
+def test_packed_sampling_matches_plain_sampling(tiny) -> None:
+    model, tok = tiny
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    seeds = [1, 2, 3]
+    plain = rollout.sample(model, tok, prompts, n=2, max_new_tokens=10, batch_size=4,
+                           seeds=seeds, pack=False)
+    packed = rollout.sample(model, tok, prompts, n=2, max_new_tokens=10, batch_size=4,
+                            seeds=seeds, pack=True)
+    assert packed.response_ids == plain.response_ids
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    # rows sample alike whatever the batch they share (the packed row count is fixed)
+    alone = rollout.sample(model, tok, prompts[:1], n=2, max_new_tokens=10, batch_size=4,
+                           seeds=seeds[:1], pack=True)
+    assert alone.response_ids == packed.response_ids[:2]
