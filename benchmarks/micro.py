@@ -10,7 +10,10 @@ Each prints wall, user and kernel (system) CPU seconds and the memory it added:
   objective as a token-loss callable (fresh tensors); ``--hold GB`` keeps that much memory
   allocated first, as a training step does (page faults cost more then on this VM).
 - ``decode``: seconds per decode step of :func:`opcd.rollout.decode` on the packaged
-  Qwen2.5-Coder-0.5B, 8 rows, with 1 and with all threads, in fp32 and from a bf16 copy.
+  Qwen2.5-Coder-0.5B, 8 rows, with 1 and with all threads, in fp32 (plain and with
+  MKL-packed weights, :mod:`opcd.packing`; packing time excluded, printed apart) and from a
+  bf16 copy; then the memory bandwidth of a plain sum over the weights' bytes and the rate at
+  which the plain and the packed 8-row products read the weights.
 
     python benchmarks/micro.py adamw
     python benchmarks/micro.py loss --hold 8
@@ -110,7 +113,10 @@ def loss(hold_gb: int, kind: str | None) -> None:
 
 
 def decode() -> None:
+    import contextlib
+
     from opcd.models.load import load_model
+    from opcd.packing import packed_linears
     from opcd.rollout import decode as decode_loop
     from opcd.rollout_backends import cast_copy
 
@@ -119,15 +125,37 @@ def decode() -> None:
     ids = torch.randint(0, 100000, (8, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     steps = 64
-    for dtype in (torch.float32, torch.bfloat16):
-        m = model if dtype == torch.float32 else cast_copy(model, dtype)
+    for label in ("float32", "float32 packed", "bfloat16"):
+        m = cast_copy(model, torch.bfloat16) if label == "bfloat16" else model
         for threads in (1, torch.get_num_threads()):
-            t = time.perf_counter()
-            decode_loop(m, ids, mask, max_new_tokens=steps, stop=[151645], ignore_eos=True,
-                        threads=threads, seeds=list(range(8)))
-            per = (time.perf_counter() - t) / steps
-            print(f"decode, 8 rows, {str(dtype).removeprefix('torch.')}, {threads} thread(s): "
+            with contextlib.ExitStack() as stack:
+                if label == "float32 packed":
+                    t = time.perf_counter()
+                    stack.enter_context(packed_linears(m, rows=8))
+                    print(f"packing the fp32 weights for 8 rows: {time.perf_counter() - t:.2f} s")
+                t = time.perf_counter()
+                decode_loop(m, ids, mask, max_new_tokens=steps, stop=[151645], ignore_eos=True,
+                            threads=threads, seeds=list(range(8)))
+                per = (time.perf_counter() - t) / steps
+            print(f"decode, 8 rows, {label}, {threads} thread(s): "
                   f"{per * 1e3:.0f} ms per step (prompt read included)")
+    weights = [mod.weight.detach() for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+    gb = sum(w.numel() * 4 for w in weights) / 1e9
+
+    def rate(run: Callable[[], object]) -> float:
+        run()
+        t = time.perf_counter()
+        run()
+        return gb / (time.perf_counter() - t)
+
+    print(f"sum over the {gb:.2f} GB of linear weights: {rate(lambda: [w.sum() for w in weights]):.1f} GB/s")
+    xs = {w.shape[1]: torch.randn(8, w.shape[1]) for w in weights}
+    plain = rate(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
+    print(f"8-row products, plain weights: {plain:.1f} GB/s")
+    with packed_linears(model, rows=8):
+        mods = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+        packed = rate(lambda: [mod(xs[mod.in_features]) for mod in mods])
+    print(f"8-row products, packed weights: {packed:.1f} GB/s")
 
 
 def main(argv: list[str] | None = None) -> int:
