@@ -77,3 +77,14 @@ def test_packed_sampling_matches_plain_sampling(tiny) -> None:
     alone = rollout.sample(model, tok, prompts[:1], n=2, max_new_tokens=10, batch_size=4,
                            seeds=seeds[:1], pack=True)
     assert alone.response_ids == packed.response_ids[:2]
+
+
+@needs_mkl
+def test_linear_subclasses_with_their_own_forward_are_left_alone() -> None:
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), Scaled(8, 8))
+    with torch.no_grad(), packing.packed_linears(model, rows=2) as n:
+        assert n == 1 and "forward" not in model[1].__dict__
