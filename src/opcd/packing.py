@@ -2,11 +2,11 @@
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix of the
 model: it is bound by how fast the weights are read, not by arithmetic. torch's default
-fp32 product for such shapes reads the weights at about a third of this machine's memory
-bandwidth (Qwen2.5-0.5B's matrices, 8 rows, 2 threads: 10-11 GB/s against 30 GB/s for a
+fp32 product for such shapes reads the weights at about 40% of this machine's memory
+bandwidth (Qwen2.5-0.5B's matrices, 8 rows, 2 threads: 10.9 GB/s against 28.1 GB/s for a
 plain sum); MKL's packed GEMM (``cblas_sgemm_pack``, reached through
 ``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``) lays each matrix out for
-its kernel once and then reads it at 17-19 GB/s (``benchmarks/micro.py decode``).
+its kernel once and then reads it at 18.3 GB/s (``benchmarks/micro.py decode``).
 
 :func:`packed_linears` packs the weight of every fp32 ``nn.Linear`` on the CPU for a fixed
 number of rows and routes products with at most that many rows through the packed copy
@@ -14,10 +14,12 @@ number of rows and routes products with at most that many rows through the packe
 live); larger products (the prompt read) keep the plain weights. The packed copies cost one
 extra copy of the linear weights while sampling and are freed on exit. The freed pages stay
 with the process and the update's activations reuse them: a full fine-tuning step's peak is
-unchanged (Qwen2.5-0.5B: 17.70 against 17.68 GiB); a LoRA step's peak over two steps grew
-from 11.28 to 11.49 GiB. (Handing the pages back with glibc's ``malloc_trim`` made it worse:
-the update then faults them in again, 5-10 s slower per step on this VM, and peaked higher.)
-Packing takes about as long as a dozen decode steps, so :func:`should_pack` asks for long enough generations.
+unchanged (Qwen2.5-0.5B: 17.70 against 17.67 GiB); a LoRA step's peak over two steps grew
+from 11.27 to 11.49 GiB. (Handing the pages back with glibc's ``malloc_trim``, commit
+6142e46, made it worse: the update faulted them in again, 5-10 s slower per step on this VM,
+and the LoRA peak rose to 11.79 GiB; figures in ``benchmarks/results.md``.) Packing takes
+about as long as a dozen decode steps, so :func:`should_pack` asks for long enough
+generations.
 Results equal the plain product up to float rounding (a different summation order).
 """
 
