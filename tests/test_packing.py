@@ -4,6 +4,8 @@ and the ``auto`` policy."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -58,19 +60,32 @@ def test_should_pack_policy(tiny, monkeypatch) -> None:
     assert packing.should_pack(model, 4) == packing.packing_available()
     monkeypatch.setenv("OPCD_PACKED_DECODE", "0")
     assert not packing.should_pack(model, long)
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "maybe")
+    with pytest.warns(UserWarning, match="OPCD_PACKED_DECODE='maybe' is not auto, 1 or 0"):
+        assert packing.packed_decode_setting() == "auto"
     monkeypatch.setenv("OPCD_PACKED_DECODE", "auto")
     assert not packing.should_pack(model.to(torch.bfloat16), long)  # fp32 weights only
 
 
 @needs_mkl
-def test_packed_sampling_matches_plain_sampling(tiny) -> None:
+def test_packed_sampling_matches_plain_sampling(tiny, monkeypatch) -> None:
     model, tok = tiny
+    packed_counts: list[int] = []
+    real = rollout.packed_linears
+
+    def spy(model, rows):  # records how many modules sample() really packed
+        with real(model, rows) as n:
+            packed_counts.append(n)
+            yield n
+
+    monkeypatch.setattr(rollout, "packed_linears", contextlib.contextmanager(spy))
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     seeds = [1, 2, 3]
     plain = rollout.sample(model, tok, prompts, n=2, max_new_tokens=10, batch_size=4,
                            seeds=seeds, pack=False)
     packed = rollout.sample(model, tok, prompts, n=2, max_new_tokens=10, batch_size=4,
                             seeds=seeds, pack=True)
+    assert packed_counts == [sum(isinstance(m, nn.Linear) for m in model.modules())]
     assert packed.response_ids == plain.response_ids
     assert not any("forward" in m.__dict__ for m in model.modules())
     # rows sample alike whatever the batch they share (the packed row count is fixed)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -40,22 +41,22 @@ dozen decode steps; each packed step saves about a third)."""
 
 def packing_available() -> bool:
     """Whether this torch build has MKL's packed fp32 GEMM."""
-    if not torch.backends.mkl.is_available():
-        return False
-    try:
-        return hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and hasattr(
-            torch.ops.mkl, "_mkl_linear")
-    except (AttributeError, RuntimeError):
-        return False
+    return (torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+            and hasattr(torch.ops.mkl, "_mkl_linear"))
 
 
 def packed_decode_setting() -> str:
     """``$OPCD_PACKED_DECODE``: ``auto`` (default), ``1`` (always where possible) or ``0``."""
-    value = os.environ.get("OPCD_PACKED_DECODE", "auto").strip().lower()
+    raw = os.environ.get("OPCD_PACKED_DECODE", "auto")
+    value = raw.strip().lower()
     if value in ("0", "false", "off", "no"):
         return "0"
     if value in ("1", "true", "on", "yes"):
         return "1"
+    if value not in ("", "auto"):
+        warnings.warn(f"OPCD_PACKED_DECODE={raw!r} is not auto, 1 or 0; using auto. Set it to "
+                      "0 (plain fp32 decode), 1 (pack for any length) or auto.", stacklevel=2)
     return "auto"
 
 
