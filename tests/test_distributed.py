@@ -1,8 +1,9 @@
-"""Data-parallel runs (opcd.distributed): 2 processes under ``accelerate launch`` (gloo on the
-CPU) against one process with the same global batch, and resuming across process counts.
+"""Multi-process runs (opcd.distributed, opcd.sharding): 2 processes under ``accelerate
+launch`` (gloo on the CPU), data parallel and FSDP, against one process with the same global
+batch, and resuming across process counts and between sharded and unsharded runs.
 
-The launched runs are real child processes (``accelerate launch --multi_gpu --num_processes 2
--m opcd train``); the one-process references run in this process.
+The launched runs are real child processes (``accelerate launch ... -m opcd train``); the
+one-process references run in this process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import save_tiny
 from test_trainer import tiny_config, weights
 
 from opcd import rollout
@@ -25,7 +27,10 @@ from opcd.config import config_from_dict
 from opcd.distributed import Dist, launched
 from opcd.errors import ConfigError
 from opcd.evaluate import EvalResult, merge_results
+from opcd.sharding import FsdpSettings, fsdp_settings_from_env
 from opcd.trainer import check_distributed, train
+
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_cpu.yaml"
 
 # ---------------------------------------------------------------------------- units
 
@@ -57,11 +62,31 @@ def test_launched_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch
     assert launched()
 
 
-def test_fsdp_launch_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_launch_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP.*data parallel"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed.*FSDP config"):
         Dist.from_env()
+
+
+def test_fsdp_settings_from_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS",
+                "FSDP_ACTIVATION_CHECKPOINTING"):
+        monkeypatch.delenv(key, raising=False)
+    assert fsdp_settings_from_env() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp_settings_from_env() == FsdpSettings(True, False)
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "SHARD_GRAD_OP")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert fsdp_settings_from_env() == FsdpSettings(False, True)
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "sometimes")
+    with pytest.raises(ConfigError, match="FSDP_RESHARD_AFTER_FORWARD='sometimes'.*true or false"):
+        fsdp_settings_from_env()
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError, match="offloading.*fsdp_offload_params: false"):
+        fsdp_settings_from_env()
+    assert Dist(0, 1, fsdp=FsdpSettings()).fsdp is None  # one process: nothing to shard
 
 
 def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -73,6 +98,15 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
     ovd = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=ovd", "rollout.n=2"])
     with pytest.raises(ConfigError, match="method=ovd runs on one process"):
         check_distributed(ovd, Dist(1, 2))
+    sharded = Dist(0, 2, fsdp=FsdpSettings())
+    check_distributed(cfg, sharded)
+    for override, message in (("lora.enabled=true", "lora.enabled=true is not supported with FSDP"),
+                              ("teacher.mode=live", "teacher.mode=live is not supported with FSDP"),
+                              ("rollout.dtype=bfloat16", "rollout.dtype=bfloat16 is not supported")):
+        bad = config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override])
+        check_distributed(bad, Dist(0, 2))  # fine data parallel
+        with pytest.raises(ConfigError, match=message):
+            check_distributed(bad, sharded)
 
 
 def test_merge_results_restores_item_order() -> None:
@@ -111,16 +145,20 @@ def test_seeded_sampling_follows_the_distribution() -> None:
 # ---------------------------------------------------------------------------- 2 processes
 
 
-def _launch(cfg: dict[str, Any], folder: Path, *, resume: bool = False) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2 -m opcd train`` on ``cfg``."""
+def _launch(cfg: dict[str, Any], folder: Path, *, resume: bool = False, fsdp: bool = False,
+            extra: tuple[str, ...] = ()) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2 -m opcd train`` on ``cfg``; with
+    ``fsdp``, the shipped ``configs/accelerate/fsdp_cpu.yaml`` instead."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg_file = folder / f"launch-{'resume' if resume else 'start'}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    how = (["--config_file", str(FSDP_CONFIG)] if fsdp else
+           ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, *extra,
            "--main_process_port", "0", "-m", "opcd", "train", str(cfg_file), "--quiet",
            *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -175,3 +213,51 @@ def test_two_processes_equal_one_and_resume_across_counts(
     recs = [json.loads(r) for r in (mixed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in recs if r["type"] == "train"] == [1, 1, 2, 2]
     _assert_close(weights(mixed_dir / "final"), one_final, initial)
+
+
+def test_fsdp_equals_one_process_and_resumes_across_counts(tmp_path: Path) -> None:
+    """The student sharded over 2 processes (tied head, an uneven split of batch 3 with
+    micro-batch 1: one process runs a zero-weight micro-batch) takes the one-process steps;
+    its checkpoints resume unsharded, and an unsharded checkpoint resumes sharded."""
+    model_dir = save_tiny(tmp_path / "tied", tie=True)
+    initial = weights(model_dir)
+    base = {"train": {"steps": 4, "batch_size": 3, "micro_batch_size": 1, "lr": 1e-2},
+            "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
+
+    def cfg(name: str, steps: int) -> dict[str, Any]:
+        c = tiny_config(model_dir, tmp_path / name, **{k: dict(v) for k, v in base.items()})
+        c["train"]["steps"] = steps
+        return c
+
+    one = train(cfg("one", 4), progress=False).run_dir
+    one_at_2 = weights(one / "checkpoints" / "step-000002" / "model")
+    one_final = weights(one / "final")
+
+    sharded = cfg("sharded", 2)
+    _launch(sharded, tmp_path / "sharded", fsdp=True)
+    sharded_dir = Path(sharded["run"]["dir"])
+    _assert_close(weights(sharded_dir / "final"), one_at_2, initial)
+    _assert_close(weights(sharded_dir / "checkpoints" / "step-000002" / "model"), one_at_2, initial)
+    saved = json.loads((sharded_dir / "final" / "config.json").read_text())
+    assert saved["architectures"] == json.loads((model_dir / "config.json").read_text())["architectures"]
+    recs = [json.loads(r) for r in (sharded_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in recs if r["type"] == "train"] == [2, 2]
+    # The sharded checkpoint (weights and AdamW moments) resumed on ONE process.
+    shutil.rmtree(sharded_dir / "final")
+    sharded["train"]["steps"] = 4
+    train(sharded, resume=True, progress=False)
+    _assert_close(weights(sharded_dir / "final"), one_final, initial)
+
+    # Layers kept gathered from forward to backward, and recomputed in the backward
+    # (fsdp_activation_checkpointing): the same steps.
+    kept = cfg("kept", 2)
+    _launch(kept, tmp_path / "kept", fsdp=True, extra=(
+        "--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true"))
+    _assert_close(weights(Path(kept["run"]["dir"]) / "final"), one_at_2, initial)
+
+    # An unsharded checkpoint resumed sharded.
+    mixed = cfg("mixed", 2)
+    train(mixed, progress=False)
+    mixed["train"]["steps"] = 4
+    _launch(mixed, tmp_path / "mixed", resume=True, fsdp=True)
+    _assert_close(weights(Path(mixed["run"]["dir"]) / "final"), one_final, initial)

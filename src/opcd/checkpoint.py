@@ -294,16 +294,28 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int,
+    *,
+    write_model: Callable[[Path], None] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, with its manifest, and prune old ones."""
+    """Write checkpoint ``step`` atomically, with its manifest, and prune old ones.
+
+    ``write_model`` (a folder -> None) replaces ``model.save_pretrained`` and
+    ``optimizer_state`` replaces ``optimizer.state_dict()``: a sharded run passes its
+    gathered state (see :mod:`opcd.sharding`).
+    """
     full_state = {**state, "step": step}
     if "rng" not in full_state:
         full_state["rng"] = rng_state()
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        if write_model is not None:
+            write_model(tmp / "model")
+        else:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        opt_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save(opt_state, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(full_state), encoding="utf-8")
         write_manifest(tmp)  # last: lists every file above
 
@@ -380,18 +392,20 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer,
+                   load_state: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Restore the optimizer's state; its implementation (fused or not) stays the current one.
 
     ``load_state_dict`` would also take the saved run's ``fused``/``foreach`` switches: a
     checkpoint written with another ``perf.fused_optimizer`` (or on a device without a fused
     kernel) resumes with this run's choice, the step counters moved where it needs them.
+    ``load_state`` replaces ``optimizer.load_state_dict`` (a sharded run's loader).
     """
     kinds = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
     try:
         sd = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(sd)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        (load_state or optimizer.load_state_dict)(sd)
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError) as e:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: the optimizer state cannot be restored ({e})"
         ) from None
@@ -404,8 +418,13 @@ def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
                 optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
-def load_weights(ckpt: Path, model: nn.Module, lora: bool) -> None:
-    """Load the checkpoint's weights into ``model`` in place (safetensors only)."""
+def load_weights(ckpt: Path, model: nn.Module, lora: bool,
+                 load_state: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """Load the checkpoint's weights into ``model`` in place (safetensors only).
+
+    ``load_state`` (a state dict -> its missing and unexpected keys) replaces
+    ``model.load_state_dict(state, strict=False)``: a sharded run's loader.
+    """
     from safetensors.torch import load_file
 
     folder = ckpt / "model"
@@ -418,7 +437,10 @@ def load_weights(ckpt: Path, model: nn.Module, lora: bool) -> None:
         state: dict[str, torch.Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):
             state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if load_state is None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        else:
+            missing, unexpected = load_state(state)
     except (OSError, SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {str(ckpt)!r}: the weights cannot be loaded ({e})") from None
     # Tied output heads are saved once; anything else missing is an error.

@@ -17,8 +17,8 @@ the number of processes: a run resumes from its checkpoint on any process count.
 
 Only the main process writes the run folder (metrics, checkpoints, the final model); the
 others read the checkpoints on resume, so several machines need a shared run folder.
-FSDP and DeepSpeed launch configurations are refused with a clear error (each process
-holds the whole student and teacher here).
+An FSDP launch configuration shards the student over the processes instead of copying it
+(:mod:`opcd.sharding`); DeepSpeed configurations are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 from opcd.errors import ConfigError
+from opcd.sharding import FsdpSettings, fsdp_settings_from_env
 
 _BUCKET_NUMEL = 32 * 1024 * 1024  # gradients summed per collective call (128 MB in fp32)
 
@@ -49,9 +50,12 @@ def launched() -> bool:
 class Dist:
     """This process's place in the run: ``rank`` of ``world``, its ``device``, collectives."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 fsdp: FsdpSettings | None = None) -> None:
         self.rank, self.world = rank, world
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.fsdp = fsdp if world > 1 else None
+        """How the student is sharded (an FSDP launch), or None: a whole copy per process."""
 
     @property
     def is_main(self) -> bool:
@@ -69,21 +73,20 @@ class Dist:
         from accelerate import PartialState
         from accelerate.utils import DistributedType
 
-        for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(flag, "false").lower() == "true":
-                raise ConfigError(
-                    f"This run was launched with {name}, which opcd does not support yet: each "
-                    "process holds the whole student and teacher (data parallel). Launch with a "
-                    "multi-GPU or multi-CPU accelerate config (e.g. configs/accelerate/ddp_gpu.yaml "
-                    "or ddp_cpu.yaml), or plain torchrun."
-                )
-        state = PartialState(cpu=not torch.cuda.is_available())
-        if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             raise ConfigError(
-                f"accelerate distributed type {state.distributed_type} is not supported; use a "
-                "data-parallel (multi-GPU / multi-CPU) configuration."
+                "This run was launched with DeepSpeed, which opcd does not support yet. Launch "
+                "with an FSDP config to shard the student (configs/accelerate/fsdp_gpu.yaml), or "
+                "a data-parallel one (configs/accelerate/ddp_gpu.yaml or ddp_cpu.yaml), or torchrun."
             )
-        return cls(state.process_index, state.num_processes, state.device)
+        fsdp = fsdp_settings_from_env()
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                f"accelerate distributed type {state.distributed_type} is not supported; use an "
+                "FSDP or data-parallel (multi-GPU / multi-CPU) configuration."
+            )
+        return cls(state.process_index, state.num_processes, state.device, fsdp)
 
     # ---------------------------------------------------------------- collectives
     def sum_floats(self, values: Iterable[float]) -> list[float]:
@@ -99,11 +102,30 @@ class Dist:
         """True on every process when ``flag`` is true on any."""
         return bool(self.sum_floats([1.0 if flag else 0.0])[0] > 0)
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over processes."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(t.item())
+
     def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Replace every gradient by its sum over processes (missing ones count as zeros)."""
+        """Replace every gradient by its sum over processes (missing ones count as zeros).
+
+        Sharded (FSDP) gradients arrive already reduced, as the mean over processes: they are
+        multiplied by the process count.
+        """
         if not self.enabled:
             return
+        from torch.distributed.tensor import DTensor
+
         params = list(params)
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        for p in sharded:
+            if p.grad is not None:
+                p.grad.mul_(self.world)
+        params = [p for p in params if not isinstance(p, DTensor)]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -107,17 +107,42 @@ def sdpa_gqa(model: nn.Module) -> Iterator[None]:
         os.environ.pop(_FORCE_GQA, None)
 
 
+def _final_hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _sharded_final_hidden(model: nn.Module, decoder: nn.Module, batch: PackedBatch) -> Tensor:
+    """The decoder's output, through the *whole* model's forward (logits of one position).
+
+    Under FSDP the root unit (embeddings, final norm, head) is gathered by the whole model's
+    forward hooks and stays gathered until its backward: calling the decoder alone would
+    skip them. The head's weight is then whole when the loss reads it.
+    """
+    seen: list[Tensor] = []
+    hook = decoder.register_forward_hook(lambda _m, _a, out: seen.append(_final_hidden(out)))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen[-1]
+
+
 def response_hidden(model: nn.Module, batch: PackedBatch) -> Tensor:
     """Final hidden states at the positions predicting response tokens: ``[B, R, H]``."""
+    from opcd.sharding import is_sharded
+
     decoder, _ = _decoder_and_head(model)
     with sdpa_gqa(model):
-        out = decoder(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if is_sharded(model):
+            hidden = _sharded_final_hidden(model, decoder, batch)
+        else:
+            hidden = _final_hidden(decoder(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ))
     idx = batch.target_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, idx)
 

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,15 @@ from opcd.rollout_backends import (
     slow_dtype_note,
 )
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
+from opcd.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    load_full_model_state,
+    load_full_optimizer_state,
+    save_pretrained_full,
+    shard_model,
+)
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
@@ -292,6 +302,16 @@ def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Adam
     return torch.optim.AdamW(params, **kw)
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients' global norm to ``max_norm``; the norm before clipping.
+
+    Sharded (FSDP) gradients give a distributed norm, which is made whole here.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
 def rollout_seed(seed: int, step: int, position: int) -> int:
     """The sampling seed of the prompt at ``position`` in the global batch of step ``step + 1``.
 
@@ -321,6 +341,20 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
             f"launched: every process needs at least one prompt per step. Set train.batch_size "
             f">= {dist.world} (it is the global batch, split between the processes)."
         )
+    if dist.fsdp is None:
+        return
+    fixes = {
+        "lora.enabled=true": (cfg.lora.enabled, "a LoRA run's trainable state is small: launch "
+                              "it data parallel (configs/accelerate/ddp_gpu.yaml), or set "
+                              "lora.enabled=false to shard a full fine-tune"),
+        "teacher.mode=live": (cfg.teacher.mode == "live", "use teacher.mode=frozen or model "
+                              "(a whole copy per process), or a data-parallel launch"),
+        f"rollout.dtype={cfg.rollout.dtype}": (cfg.rollout.dtype != "model",
+                                              "use rollout.dtype=model under FSDP"),
+    }
+    for setting, (bad, fix) in fixes.items():
+        if bad:
+            raise ConfigError(f"{setting} is not supported with FSDP yet: {fix}.")
 
 
 @dataclass
@@ -376,9 +410,15 @@ class Trainer:
             teacher_model, teacher_tok = load_model(cfg.teacher.model, device=self.device)
             if self.method == "opcd":  # OVD reads only the teacher's text: any tokenizer
                 check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
+        if self.dist.fsdp and self.dist.fsdp.activation_checkpointing:
+            cfg.train.gradient_checkpointing = True  # the launch config's fsdp_activation_checkpointing
         self.student = setup_student(cfg, student)
-        # With full fine-tuning the frozen teacher is a copy taken now, before any update.
+        # With full fine-tuning the frozen teacher is a copy taken now, before any update
+        # (and before the student is sharded: each process keeps a whole teacher).
         self.teacher = self._build_teacher(teacher_model, teacher_tok)
+        if self.dist.fsdp:
+            self._say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
+            shard_model(self.student, self.dist.world, self.device, self.dist.fsdp)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.order = DataOrder(len(self.train_examples), cfg.train.seed)
@@ -442,26 +482,30 @@ class Trainer:
         idx = self.order.take(cfg.train.batch_size)
         mine = self.dist.shard(len(idx))  # this process's positions in the global batch
         episode_figures: dict[str, float] = {}
+        sampling = gathered(self.student)  # FSDP: whole weights while sampling (else a no-op)
         if is_multiturn(self.task):
             # Games: the student plays whole episodes; every reply it generated is a row.
-            played = play_for_training(
-                self.student, self.tokenizer, self.task, [self.train_examples[idx[i]] for i in mine],
-                mine, seed=cfg.train.seed, step=self.step, n=cfg.rollout.n,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
-                backend=self.backend,
-            )
+            with sampling:
+                played = play_for_training(
+                    self.student, self.tokenizer, self.task,
+                    [self.train_examples[idx[i]] for i in mine],
+                    mine, seed=cfg.train.seed, step=self.step, n=cfg.rollout.n,
+                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
+                    max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
+                    backend=self.backend,
+                )
             pairs, roll = played.pairs, played.rollout
             episode_figures = self._global_episode_figures(played)
         else:
             pairs = self._prompt_pairs([idx[i] for i in mine])
-            roll = self.backend.sample(
-                [p.student_ids for p in pairs], n=cfg.rollout.n,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
-            )
+            with sampling:
+                roll = self.backend.sample(
+                    [p.student_ids for p in pairs], n=cfg.rollout.n,
+                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
+                )
         t_rollout = time.perf_counter() - t0
 
         responses = roll.response_ids
@@ -476,12 +520,19 @@ class Trainer:
         t_update_start = time.perf_counter()
         self.student.train()
         mb = cfg.train.micro_batch_size
-        for start in range(0, len(responses), mb):
+        starts = list(range(0, len(responses), mb))
+        if self.dist.fsdp:
+            # Every process runs as many forwards/backwards as the busiest one (each is a
+            # collective under FSDP): the others repeat their first micro-batch at weight 0.
+            starts += [-1] * (self.dist.max_int(len(starts)) - len(starts))
+        for start in starts:
+            weight = 1.0 if start >= 0 else 0.0
+            start = max(start, 0)
             sl = slice(start, start + mb)
             resp = responses[sl]
             prompt_of = roll.prompt_index[sl]
             perf = cfg.perf
-            if start == 0 and (perf.prefix_cache or perf.chunked_loss):
+            if start == 0 and weight and (perf.prefix_cache or perf.chunked_loss):
                 # The teacher reads the whole step's rows at once, each shared context prefix
                 # once (perf.prefix_cache); it returns hidden states, not [B, R, V] logits.
                 tt = time.perf_counter()
@@ -495,21 +546,22 @@ class Trainer:
             mask = sb.response_mask
             if perf.chunked_loss:
                 # Logits of both models exist only loss_chunk_tokens at a time.
-                s_head = self.student.get_output_embeddings()
+                s_hidden = response_hidden(self.student, sb)[mask]
+                s_head = self.student.get_output_embeddings()  # read after the forward (FSDP)
                 s_lin = linear_head(s_head)
                 t_head, t_bias = self.teacher.head()
                 weights = losses.reduction_weights(
                     mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs,
-                )
+                ) * weight
                 loss, tl = losses.chunked_distill_loss(
-                    response_hidden(self.student, sb)[mask], s_lin[0] if s_lin else s_head,
+                    s_hidden, s_lin[0] if s_lin else s_head,
                     torch.cat(t_rows[sl]).to(self.device), t_head, weights[mask],
                     student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
                     sampled=sb.response_ids[mask], **self._chunk_loss_settings(),
                     chunk_size=perf.loss_chunk_tokens,
                 )
                 loss.backward()
-                student_logits = s_flat = t_flat = per_token = None
+                student_logits = s_flat = t_flat = per_token = s_hidden = None
             else:
                 tt = time.perf_counter()
                 if perf.prefix_cache:
@@ -532,18 +584,19 @@ class Trainer:
                 loss = losses.reduce_token_loss(
                     per_token, mask, cfg.loss.reduction,
                     total_tokens=total_tokens, total_sequences=total_seqs,
-                )
+                ) * weight
                 loss.backward()
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float(tl.kl.sum())
-            sums["entropy"] += float(tl.student_entropy.sum())
-            sums["s_mass"] += float(tl.student_topk_mass.sum())
-            sums["t_mass"] += float(tl.teacher_topk_mass.sum())
+            if weight:
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += float(tl.kl.sum())
+                sums["entropy"] += float(tl.student_entropy.sum())
+                sums["s_mass"] += float(tl.student_topk_mass.sum())
+                sums["t_mass"] += float(tl.teacher_topk_mass.sum())
             del student_logits, s_flat, t_flat, tl, per_token, loss
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.dist.sum_gradients(trainable)
         sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
+        grad_norm = clip_gradients(trainable, cfg.train.max_grad_norm)
         # A non-finite loss or gradient norm would poison the weights and AdamW's moments:
         # that update is dropped (gradients cleared, no optimiser step) and reported.
         skip_reason = non_finite_reason(sums["loss"], grad_norm)
@@ -638,26 +691,33 @@ class Trainer:
     def evaluate(self, with_context: bool = False) -> EvalResult:
         """The eval split without (or with) the context; each process scores its shard."""
         e = self.cfg.eval
-        part = evaluate(
-            self.student, self.tokenizer, self.task, split="eval", with_context=with_context,
-            size=e.size, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-            seed=e.seed, batch_size=self.cfg.rollout.batch_size,
-            shard=(self.dist.rank, self.dist.world),
-        )
+        with gathered(self.student):  # FSDP: whole weights while sampling (else a no-op)
+            part = evaluate(
+                self.student, self.tokenizer, self.task, split="eval", with_context=with_context,
+                size=e.size, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                seed=e.seed, batch_size=self.cfg.rollout.batch_size,
+                shard=(self.dist.rank, self.dist.world),
+            )
         return merge_results(self.dist.gather(part)) if self.dist.enabled else part
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: Path, rng: dict[str, Any]) -> Path:
         """Checkpoint the state at the end of step ``self.step`` (``rng``: the RNGs then).
 
-        Only the main process writes (every process holds the same weights and optimiser).
+        Only the main process writes (every process holds the same weights and optimiser;
+        under FSDP every process first takes part in gathering them whole).
         """
+        extra: dict[str, Any] = {}
+        if self.dist.fsdp:
+            model_state = full_model_state(self.student)
+            extra = {"optimizer_state": full_optimizer_state(self.student, self.optimizer),
+                     "write_model": lambda d: save_pretrained_full(self.student, d, model_state)}
         if not self.dist.is_main:
             return run_dir / "checkpoints" / ckpt.checkpoint_name(self.step)
         return ckpt.save_checkpoint(
             run_dir / "checkpoints", self.step, self.student, self.tokenizer, self.optimizer,
             {"data": self.order.state(), "rng": rng, "consecutive_skips": self.consecutive_skips},
-            self.cfg.run.keep_last,
+            self.cfg.run.keep_last, **extra,
         )
 
     def restore(self, run_dir: Path) -> int:
@@ -679,9 +739,14 @@ class Trainer:
             skips = int(state.get("consecutive_skips", 0))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {str(latest)!r} has an incomplete state ({e!r})") from None
-        ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled)
+        sharded = self.dist.fsdp is not None
+        ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled,
+                          load_state=partial(load_full_model_state, self.student) if sharded else None)
         self.backend.sync_weights(self.student)
-        ckpt.load_optimizer(latest, self.optimizer)
+        ckpt.load_optimizer(
+            latest, self.optimizer,
+            partial(load_full_optimizer_state, self.student, self.optimizer) if sharded else None,
+        )
         self.order = DataOrder(len(self.train_examples), self.cfg.train.seed, epoch, index)
         ckpt.set_rng_state(rng)
         self.step = step
@@ -690,6 +755,7 @@ class Trainer:
 
     def save_final(self, run_dir: Path) -> Path:
         """Save the trained student as a plain HF model (LoRA merged) in ``run_dir/final``."""
+        state = full_model_state(self.student) if self.dist.fsdp else None  # every process
         if not self.dist.is_main:
             return run_dir / "final"
         model = self.student
@@ -698,7 +764,10 @@ class Trainer:
             self.student = model
 
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if state is not None:
+                save_pretrained_full(model, tmp, state)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
 
         return ckpt.write_dir_atomically(run_dir / "final", write, "the final model")
@@ -854,11 +923,23 @@ def _run(
 ) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    if not dist.is_main:
-        dist.barrier()  # the main process loads first (a model pull happens once)
-    trainer = build_trainer(cfg, progress=progress, dist=dist)
-    if dist.is_main:
+    if dist.fsdp:
+        # Sharding the student is collective, so every process builds the trainer at once,
+        # after the main process has pulled the models (a pull happens once).
+        if dist.is_main:
+            from opcd.models import resolve_model_ref
+
+            for ref in (cfg.model, cfg.teacher.model if cfg.teacher.mode == "model" else None):
+                if ref:
+                    resolve_model_ref(ref)
         dist.barrier()
+        trainer = build_trainer(cfg, progress=progress, dist=dist)
+    else:
+        if not dist.is_main:
+            dist.barrier()  # the main process loads first (a model pull happens once)
+        trainer = build_trainer(cfg, progress=progress, dist=dist)
+        if dist.is_main:
+            dist.barrier()
     log = MainLog(run_dir / "metrics.jsonl", dist.is_main)
     start = trainer.restore(run_dir) if resume else 0
     if dist.is_main:
