@@ -173,22 +173,32 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], moved_
     assert worst < 1e-4, f"weights differ by {worst} (training moved them by {moved})"
 
 
-def test_two_processes_equal_one_and_resume_across_counts(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    initial = weights(tiny_model_dir)
-    base = {"train": {"steps": 4, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2},
-            "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
+class _Reference:
+    """Run configs on ``model_dir`` (4 steps, micro-batch 1, a checkpoint every 2 steps) and
+    the one-process reference run's initial, step-2 and final weights."""
 
-    def cfg(name: str, steps: int) -> dict[str, Any]:
-        c = tiny_config(tiny_model_dir, tmp_path / name, **{k: dict(v) for k, v in base.items()})
+    def __init__(self, model_dir: Path, tmp_path: Path, batch_size: int) -> None:
+        self.model_dir, self.tmp_path = model_dir, tmp_path
+        self.base = {"train": {"steps": 4, "batch_size": batch_size, "micro_batch_size": 1,
+                               "lr": 1e-2},
+                     "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
+        self.initial = weights(model_dir)
+        one = train(self.cfg("one", 4), progress=False).run_dir
+        self.at_2 = weights(one / "checkpoints" / "step-000002" / "model")
+        self.final = weights(one / "final")
+
+    def cfg(self, name: str, steps: int) -> dict[str, Any]:
+        c = tiny_config(self.model_dir, self.tmp_path / name,
+                        **{k: dict(v) for k, v in self.base.items()})
         c["train"]["steps"] = steps
         return c
 
-    # The reference: one process, 4 steps, a checkpoint at step 2.
-    one = train(cfg("one", 4), progress=False).run_dir
-    one_at_2 = weights(one / "checkpoints" / "step-000002" / "model")
-    one_final = weights(one / "final")
+
+def test_two_processes_equal_one_and_resume_across_counts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ref = _Reference(tiny_model_dir, tmp_path, batch_size=4)
+    cfg, initial, one_at_2, one_final = ref.cfg, ref.initial, ref.at_2, ref.final
 
     # Two processes, 2 steps: the same weights as one process at step 2 ...
     two = cfg("two", 2)
@@ -220,18 +230,8 @@ def test_fsdp_equals_one_process_and_resumes_across_counts(tmp_path: Path) -> No
     micro-batch 1: one process runs a zero-weight micro-batch) takes the one-process steps;
     its checkpoints resume unsharded, and an unsharded checkpoint resumes sharded."""
     model_dir = save_tiny(tmp_path / "tied", tie=True)
-    initial = weights(model_dir)
-    base = {"train": {"steps": 4, "batch_size": 3, "micro_batch_size": 1, "lr": 1e-2},
-            "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
-
-    def cfg(name: str, steps: int) -> dict[str, Any]:
-        c = tiny_config(model_dir, tmp_path / name, **{k: dict(v) for k, v in base.items()})
-        c["train"]["steps"] = steps
-        return c
-
-    one = train(cfg("one", 4), progress=False).run_dir
-    one_at_2 = weights(one / "checkpoints" / "step-000002" / "model")
-    one_final = weights(one / "final")
+    ref = _Reference(model_dir, tmp_path, batch_size=3)
+    cfg, initial, one_at_2, one_final = ref.cfg, ref.initial, ref.at_2, ref.final
 
     sharded = cfg("sharded", 2)
     _launch(sharded, tmp_path / "sharded", fsdp=True)
