@@ -103,3 +103,28 @@ def test_linear_subclasses_with_their_own_forward_are_left_alone() -> None:
     model = nn.Sequential(nn.Linear(8, 8), Scaled(8, 8))
     with torch.no_grad(), packing.packed_linears(model, rows=2) as n:
         assert n == 1 and "forward" not in model[1].__dict__
+
+
+@needs_mkl
+def test_an_evaluation_packs_once_for_all_its_batches(tiny, monkeypatch, tmp_path) -> None:
+    from opcd.config import TaskConfig
+    from opcd.evaluate import evaluate
+    from opcd.tasks import build_task
+
+    model, tok = tiny
+    installs: list[nn.Module] = []
+    real_install = packing._install
+    monkeypatch.setattr(packing, "_install", lambda m, rows: (installs.append(m), real_install(m, rows)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "say {i}"}}\n' for i in range(10)))
+    task = build_task(TaskConfig(name="system_prompt", context="Be brief.", prompts=str(prompts),
+                                 behaviour="contains:a", eval_fraction=0.5))
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "1")
+    packed = evaluate(model, tok, task, max_new_tokens=5, batch_size=2, seed=3)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert packed.n == 5 and len(installs) == n_linear  # 3 batches, one packing
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "0")
+    plain = evaluate(model, tok, task, max_new_tokens=5, batch_size=2, seed=3)
+    assert len(installs) == n_linear
+    assert [r["response"] for r in plain.records] == [r["response"] for r in packed.records]

@@ -15,6 +15,7 @@ same records as an uninterrupted evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from opcd import rollout
 from opcd.chat import encode_chat, student_messages, teacher_messages
 from opcd.errors import ConfigError, RunFolderError
 from opcd.multiturn import is_multiturn, play
+from opcd.packing import packed_linears, should_pack
 from opcd.tasks.base import Task, derive_seed
 
 
@@ -211,7 +213,11 @@ def evaluate(
         done = store.load()
     results: dict[str, dict[str, Any]] = {}
     resumed = 0
-    with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
+    # The weights do not change during an evaluation: pack them once for all its batches
+    # (each sample() call would otherwise pack and free its own copy; see opcd.packing).
+    pack = should_pack(model, max_new_tokens) and any(ex.id not in done for ex in examples)
+    with (torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None),
+          packed_linears(model, batch_size) if pack else contextlib.nullcontext()):
         for b, start in enumerate(range(0, len(examples), batch_size)):
             batch = examples[start : start + batch_size]
             if all(ex.id in done for ex in batch):

@@ -21,6 +21,9 @@ and the LoRA peak rose to 11.79 GiB; figures in ``benchmarks/results.md``.) Pack
 about as long as a dozen decode steps, so :func:`should_pack` asks for long enough
 generations.
 Results equal the plain product up to float rounding (a different summation order).
+:func:`opcd.evaluate.evaluate` packs once for all its batches (the weights do not change
+during an evaluation); a ``sample()`` call inside it finds the modules packed and packs
+nothing again (entering :func:`packed_linears` on packed modules is a no-op).
 """
 
 from __future__ import annotations
