@@ -23,7 +23,7 @@ import yaml
 
 from opcd.errors import ConfigError
 
-TeacherMode = Literal["frozen", "model", "live"]
+TeacherMode = Literal["frozen", "model", "live", "server"]
 Objective = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
 Reduction = Literal["token_mean", "seq_mean"]
 ContextPlacement = Literal["system", "user"]
@@ -73,9 +73,20 @@ class TeacherConfig:
 
     mode: TeacherMode = "frozen"
     """frozen: a frozen copy of the initial student; model: another frozen model; live: the
-    current student weights under no_grad."""
+    current student weights under no_grad; server: a model behind a vLLM server
+    (``server_url``; see ``opcd.teacher_server``)."""
     model: str | None = None
     """The teacher model for ``mode: model`` (must share the student's tokenizer)."""
+    server_url: str | None = None
+    """``mode: server``: the server's OpenAI-compatible base URL, e.g. http://host:8000/v1."""
+    server_model: str | None = None
+    """``mode: server``: the model name the server serves (must share the student's tokenizer)."""
+    server_top_k: int = 20
+    """``mode: server``: top log-probs requested per position (the server's --max-logprobs
+    must allow it); the forward KL runs over these slots."""
+    server_timeout_s: float = 300.0
+    server_concurrency: int = 8
+    """``mode: server``: scoring requests in flight at once."""
 
 
 @dataclass
@@ -497,6 +508,7 @@ def _check_ranges(cfg: Config) -> None:
         )
     _check_ovd(cfg)
     _check_rollout_backend(cfg)
+    _check_server_teacher(cfg)
     if cfg.method == "offpolicy" and cfg.teacher.mode == "live":
         raise ConfigError(
             "method=offpolicy generates the teacher's responses once and reuses them, so its "
@@ -511,6 +523,36 @@ def _check_ranges(cfg: Config) -> None:
                 f"extract.prompt must contain {' and '.join(missing)} (placeholders: {{problem}}, "
                 "{solution}, optionally {experience} and {marker})."
             )
+
+
+def _check_server_teacher(cfg: Config) -> None:
+    """``teacher.mode=server``: its settings, and the objectives its sparse scores allow."""
+    t = cfg.teacher
+    if t.mode != "server":
+        if t.server_url or t.server_model:
+            raise ConfigError(f"teacher.server_url / server_model are set but teacher.mode={t.mode!r}; "
+                              "set teacher.mode=server to score through the server, or remove them.")
+        return
+    if not t.server_url or not t.server_model:
+        raise ConfigError("teacher.mode=server needs teacher.server_url (e.g. http://localhost:8000/v1) "
+                          "and teacher.server_model (the name the server serves).")
+    if cfg.method != "opcd":
+        raise ConfigError(f"teacher.mode=server is supported for method=opcd only, not {cfg.method}.")
+    if cfg.loss.objective not in ("sampled_token", "forward_kl") or cfg.loss.union:
+        raise ConfigError(
+            f"loss.objective={cfg.loss.objective}{' with loss.union=true' if cfg.loss.union else ''} "
+            "needs the teacher's log-probs at the student's top-k tokens, which a server does not "
+            "return: with teacher.mode=server use loss.objective=sampled_token or forward_kl "
+            "(over the teacher's top-k), loss.union=false."
+        )
+    if cfg.rollout.temperature != 1.0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: the server's log-probs are "
+                          "of the raw model (temperature 1); use rollout.temperature=1.0 with "
+                          "teacher.mode=server.")
+    for key, value in (("server_top_k", t.server_top_k), ("server_timeout_s", t.server_timeout_s),
+                       ("server_concurrency", t.server_concurrency)):
+        if value <= 0:
+            raise ConfigError(f"Config value teacher.{key}={value!r} must be greater than 0.")
 
 
 def _check_rollout_backend(cfg: Config) -> None:

@@ -72,6 +72,7 @@ from opcd.sharding import (
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
+from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {
@@ -448,8 +449,14 @@ class Trainer:
         )
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
-        """The teacher of this method (OPCD: the log-prob :class:`Teacher`)."""
-        return Teacher(self.cfg.teacher.mode, self.student, model)
+        """The teacher of this method (OPCD: the log-prob :class:`Teacher`, or a
+        :class:`~opcd.teacher_server.ServerTeacher` for ``teacher.mode=server``)."""
+        t = self.cfg.teacher
+        if t.mode == "server":
+            assert t.server_url and t.server_model
+            return ServerTeacher(t.server_url, t.server_model, top_k=t.server_top_k,
+                                 timeout_s=t.server_timeout_s, concurrency=t.server_concurrency)
+        return Teacher(t.mode, self.student, model)
 
     def _say(self, msg: str) -> None:
         if self.progress:
@@ -532,7 +539,15 @@ class Trainer:
             resp = responses[sl]
             prompt_of = roll.prompt_index[sl]
             perf = cfg.perf
-            if start == 0 and weight and (perf.prefix_cache or perf.chunked_loss):
+            server = isinstance(self.teacher, ServerTeacher)
+            if start == 0 and weight and server:
+                # A teacher behind a vLLM server: its log-probs of the sampled tokens and its
+                # top-k at every response position, for the whole step's rows at once.
+                tt = time.perf_counter()
+                t_sparse = self.teacher.score([pairs[i].teacher_ids for i in roll.prompt_index],
+                                              responses)
+                t_teacher += time.perf_counter() - tt
+            elif start == 0 and weight and (perf.prefix_cache or perf.chunked_loss):
                 # The teacher reads the whole step's rows at once, each shared context prefix
                 # once (perf.prefix_cache); it returns hidden states, not [B, R, V] logits.
                 tt = time.perf_counter()
@@ -544,7 +559,15 @@ class Trainer:
                 t_teacher += time.perf_counter() - tt
             sb = pack([pairs[i].student_ids for i in prompt_of], resp, self.pad_id, device=self.device)
             mask = sb.response_mask
-            if perf.chunked_loss:
+            if server:
+                student_logits = response_logits(self.student, sb)
+                s_flat, t_flat = student_logits[mask], None
+                tl = server_token_loss(s_flat, cat_scores(t_sparse[sl]), sb.response_ids[mask],
+                                       objective=cfg.loss.objective, renormalize=cfg.loss.renormalize)
+                loss = self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight
+                loss.backward()
+                per_token = None
+            elif perf.chunked_loss:
                 # Logits of both models exist only loss_chunk_tokens at a time.
                 s_hidden = response_hidden(self.student, sb)[mask]
                 s_head = self.student.get_output_embeddings()  # read after the forward (FSDP)
@@ -579,13 +602,9 @@ class Trainer:
                 s_flat, t_flat = student_logits[mask], teacher_logits[mask]
                 del teacher_logits
                 tl = self._token_loss(s_flat, t_flat, sb.response_ids[mask])
-                per_token = torch.zeros(mask.shape, dtype=tl.loss.dtype, device=mask.device)
-                per_token[mask] = tl.loss
-                loss = losses.reduce_token_loss(
-                    per_token, mask, cfg.loss.reduction,
-                    total_tokens=total_tokens, total_sequences=total_seqs,
-                ) * weight
+                loss = self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight
                 loss.backward()
+                per_token = None
             if weight:
                 sums["loss"] += float(loss.detach())
                 sums["kl"] += float(tl.kl.sum())
@@ -651,6 +670,15 @@ class Trainer:
         n = max(n, 1.0)
         return {"episode_success": won / n, "episode_moves": moves / n,
                 "invalid_moves": invalid, "trained_turns": rows}
+
+    def _reduced_loss(self, tl: losses.TokenLoss, mask: torch.Tensor, total_tokens: float,
+                      total_sequences: float) -> torch.Tensor:
+        """The micro-batch's share of the batch loss from its per-token losses (``loss.reduction``
+        over the whole global batch's token / sequence counts)."""
+        per_token = torch.zeros(mask.shape, dtype=tl.loss.dtype, device=mask.device)
+        per_token[mask] = tl.loss
+        return losses.reduce_token_loss(per_token, mask, self.cfg.loss.reduction,
+                                        total_tokens=total_tokens, total_sequences=total_sequences)
 
     def _chunk_loss_settings(self) -> dict[str, Any]:
         """The objective for :func:`opcd.losses.chunked_distill_loss`: the built-in slot
