@@ -4,13 +4,15 @@ Launched with an FSDP configuration (``accelerate launch --use_fsdp``, or an acc
 config file with ``distributed_type: FSDP``), opcd shards the *student* with PyTorch's
 FSDP2 (``torch.distributed.fsdp.fully_shard``): every decoder layer is one unit and the
 root (embeddings, final norm, output head) another. Each process then holds 1/N of the
-student's weights, gradients and optimiser state. What stays whole on every process:
+student's weights, gradients and optimiser state. The teacher (a ``frozen`` copy, taken
+before the student is sharded, or a separate ``model``) has its decoder layers sharded the
+same way (:func:`shard_frozen_layers`). Gathered whole only for a while:
 
-- the teacher: a ``frozen`` copy or a separate ``model`` (a replica per process, as under
-  data parallelism); the copy is taken before the student is sharded;
 - the student's weights *while sampling* (rollouts and evaluation): :func:`gathered`
   all-gathers them once and keeps them whole until sampling ends, so a process decodes
-  alone, with no collective per token, and processes may finish at different times.
+  alone, with no collective per token, and processes may finish at different times;
+- the teacher's layers while it scores a step's rows (the same way; its embeddings and
+  output head are never sharded, since the loss reads the head during the update).
 
 The update runs every micro-batch's forward and backward through FSDP (all-gather a layer,
 use it, free it; gradients reduce-scattered). FSDP averages gradients over processes and
@@ -138,6 +140,30 @@ def shard_model(model: nn.Module, world: int, device: torch.device, settings: Fs
     if whole:
         raise RuntimeError(f"opcd: FSDP left parameters unsharded: {whole[:3]}")
     return model
+
+
+def shard_frozen_layers(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """Shard the decoder layers of a frozen model (the teacher) over the ``world`` processes.
+
+    Only the layers: the root's embeddings and output head stay whole, since the loss reads
+    the head between forwards. The model is only run inside :func:`gathered` (whole, no
+    backward), so each process holds 1/N of the layers' weights outside teacher scoring.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    names = _layer_classes(model)
+    for layer in [m for m in model.modules() if type(m).__name__ in names]:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+        layer._opcd_reshard = False
+        layer.reshard()
+    return model
+
+
+def has_shards(model: nn.Module | None) -> bool:
+    """True when some of ``model``'s modules are sharded (a student or a teacher)."""
+    return model is not None and bool(_fsdp_modules(model))
 
 
 @contextlib.contextmanager

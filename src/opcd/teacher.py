@@ -93,9 +93,16 @@ class Teacher:
     def _scorer(self) -> contextlib.AbstractContextManager[nn.Module]:
         return scoring_model(self._student, self._model, self._uses_adapter_off)
 
+    def _whole(self) -> contextlib.AbstractContextManager[None]:
+        """The teacher's weights whole for a forward: a no-op unless its layers are sharded
+        (FSDP, :func:`opcd.sharding.shard_frozen_layers`), where every process must enter."""
+        from opcd.sharding import gathered, has_shards
+
+        return gathered(self._model) if has_shards(self._model) else contextlib.nullcontext()
+
     @torch.no_grad()
     def response_logits(self, batch: PackedBatch) -> Tensor:
-        with self._scorer() as model:
+        with self._whole(), self._scorer() as model:
             return response_logits(model, batch)
 
     def _fingerprint(self, model: nn.Module) -> tuple[Any, ...]:
@@ -125,12 +132,16 @@ class Teacher:
         group of rows sharing a prompt prefix runs it once, and block-aligned prefixes are
         kept across calls while the weights stay the same; without, every row runs in full.
         """
-        with self._scorer() as model:
+        from opcd.sharding import has_shards
+
+        with self._whole(), self._scorer() as model:
             if not prefix_cache:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
             if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
                 self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-            self.store.check(self._fingerprint(model))
+            # A sharded teacher is frozen (frozen copy or other model); its gathered weights
+            # are new tensors at every gather, so their fingerprint would say nothing.
+            self.store.check(("sharded, frozen",) if has_shards(self._model) else self._fingerprint(model))
             return cached_response_hidden(
                 model, prompts, responses, pad_id, store=self.store, batch_size=batch_size,
                 block=block, min_shared=min_shared,

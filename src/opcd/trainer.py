@@ -67,6 +67,7 @@ from opcd.sharding import (
     load_full_model_state,
     load_full_optimizer_state,
     save_pretrained_full,
+    shard_frozen_layers,
     shard_model,
 )
 from opcd.tasks import Task, build_task
@@ -420,6 +421,10 @@ class Trainer:
         if self.dist.fsdp:
             self._say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
             shard_model(self.student, self.dist.world, self.device, self.dist.fsdp)
+            if getattr(self.teacher, "separate_model", None) is not None:
+                # The frozen copy or the other model: its layers sharded too, gathered only
+                # while it scores.
+                shard_frozen_layers(self.teacher.separate_model, self.dist.world, self.device)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg)
         self.order = DataOrder(len(self.train_examples), cfg.train.seed)
