@@ -292,3 +292,19 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
     # about lr * sign(g)): a looser bound on the weights than the even-split tests need.
     _assert_close(weights(sharded_dir / "final"), weights(one.final_model), weights(tiny_model_dir),
                   tol=1e-3)
+
+
+def test_fsdp_with_another_teacher_model(tiny_model_dir: Path, tiny_model_dir_other: Path,
+                                         tmp_path: Path) -> None:
+    """teacher.mode=model under FSDP: the other model's layers sharded and gathered to score."""
+    def cfg(name: str) -> dict[str, Any]:
+        return tiny_config(tiny_model_dir, tmp_path / name,
+                           train={"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
+                           eval={"size": 2, "every": 0},
+                           teacher={"mode": "model", "model": str(tiny_model_dir_other)})
+
+    one = train(cfg("one"), progress=False)
+    sharded = cfg("sharded")
+    _launch(sharded, tmp_path / "sharded", fsdp=True)
+    _assert_close(weights(Path(sharded["run"]["dir"]) / "final"), weights(one.final_model),
+                  weights(tiny_model_dir))
