@@ -101,7 +101,6 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
     sharded = Dist(0, 2, fsdp=FsdpSettings())
     check_distributed(cfg, sharded)
     for override, message in (("lora.enabled=true", "lora.enabled=true is not supported with FSDP"),
-                              ("teacher.mode=live", "teacher.mode=live is not supported with FSDP"),
                               ("rollout.dtype=bfloat16", "rollout.dtype=bfloat16 is not supported")):
         bad = config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override])
         check_distributed(bad, Dist(0, 2))  # fine data parallel
@@ -294,14 +293,20 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
                   tol=1e-3)
 
 
-def test_fsdp_with_another_teacher_model(tiny_model_dir: Path, tiny_model_dir_other: Path,
-                                         tmp_path: Path) -> None:
-    """teacher.mode=model under FSDP: the other model's layers sharded and gathered to score."""
+@pytest.mark.parametrize("teacher", ["model", "live", "live-naive"])
+def test_fsdp_with_other_teachers(teacher: str, tiny_model_dir: Path, tiny_model_dir_other: Path,
+                                  tmp_path: Path) -> None:
+    """Under FSDP, teacher.mode=model (the other model's layers sharded and gathered to score)
+    and teacher.mode=live (the sharded student gathered to score; also with the naive
+    computation, which scores per micro-batch) take the one-process steps."""
+    t = ({"mode": "model", "model": str(tiny_model_dir_other)} if teacher == "model"
+         else {"mode": "live"})
+    perf = {"prefix_cache": False, "chunked_loss": False} if teacher == "live-naive" else {}
+
     def cfg(name: str) -> dict[str, Any]:
         return tiny_config(tiny_model_dir, tmp_path / name,
                            train={"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
-                           eval={"size": 2, "every": 0},
-                           teacher={"mode": "model", "model": str(tiny_model_dir_other)})
+                           eval={"size": 2, "every": 0}, teacher=t, perf=perf)
 
     one = train(cfg("one"), progress=False)
     sharded = cfg("sharded")

@@ -94,11 +94,13 @@ class Teacher:
         return scoring_model(self._student, self._model, self._uses_adapter_off)
 
     def _whole(self) -> contextlib.AbstractContextManager[None]:
-        """The teacher's weights whole for a forward: a no-op unless its layers are sharded
-        (FSDP, :func:`opcd.sharding.shard_frozen_layers`), where every process must enter."""
+        """The teacher's weights whole for a forward: a no-op unless they are sharded (FSDP:
+        the frozen copy's or other model's layers, or a live teacher's student), where every
+        process must enter."""
         from opcd.sharding import gathered, has_shards
 
-        return gathered(self._model) if has_shards(self._model) else contextlib.nullcontext()
+        model = self._model if self._model is not None else self._student
+        return gathered(model) if has_shards(model) else contextlib.nullcontext()
 
     @torch.no_grad()
     def response_logits(self, batch: PackedBatch) -> Tensor:
@@ -139,9 +141,14 @@ class Teacher:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
             if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
                 self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-            # A sharded teacher is frozen (frozen copy or other model); its gathered weights
-            # are new tensors at every gather, so their fingerprint would say nothing.
-            self.store.check(("sharded, frozen",) if has_shards(self._model) else self._fingerprint(model))
+            if has_shards(self._model):
+                # A sharded frozen copy or other model never changes; its gathered weights are
+                # new tensors at every gather, so their fingerprint would say nothing.
+                self.store.check(("sharded, frozen",))
+            elif has_shards(self._student) and self._model is None:
+                self.store.clear()  # live and sharded: the weights changed since the last step
+            else:
+                self.store.check(self._fingerprint(model))
             return cached_response_hidden(
                 model, prompts, responses, pad_id, store=self.store, batch_size=batch_size,
                 block=block, min_shared=min_shared,
@@ -164,7 +171,7 @@ class Teacher:
     @torch.no_grad()
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """The teacher's logits (fp32) from hidden states of :meth:`response_hidden`."""
-        with self._scorer() as model:
+        with self._whole(), self._scorer() as model:
             return model.get_output_embeddings()(hidden).float()
 
     @property

@@ -349,8 +349,6 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
         "lora.enabled=true": (cfg.lora.enabled, "a LoRA run's trainable state is small: launch "
                               "it data parallel (configs/accelerate/ddp_gpu.yaml), or set "
                               "lora.enabled=false to shard a full fine-tune"),
-        "teacher.mode=live": (cfg.teacher.mode == "live", "use teacher.mode=frozen or model "
-                              "(a whole copy per process), or a data-parallel launch"),
         f"rollout.dtype={cfg.rollout.dtype}": (cfg.rollout.dtype != "model",
                                               "use rollout.dtype=model under FSDP"),
     }
