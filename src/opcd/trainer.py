@@ -411,10 +411,11 @@ class Trainer:
             if self.method == "opcd":  # OVD reads only the teacher's text: any tokenizer
                 check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
         if self.dist.fsdp and self.dist.fsdp.activation_checkpointing:
-            cfg.train.gradient_checkpointing = True  # the launch config's fsdp_activation_checkpointing
+            self._say("fsdp_activation_checkpointing: train.gradient_checkpointing=true")
+            cfg.train.gradient_checkpointing = True
         self.student = setup_student(cfg, student)
         # With full fine-tuning the frozen teacher is a copy taken now, before any update
-        # (and before the student is sharded: each process keeps a whole teacher).
+        # (and before the student is sharded; under FSDP the copy's layers are sharded next).
         self.teacher = self._build_teacher(teacher_model, teacher_tok)
         if self.dist.fsdp:
             self._say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
