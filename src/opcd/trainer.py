@@ -530,7 +530,8 @@ class Trainer:
         t_teacher = 0.0
         t_update_start = time.perf_counter()
         self.student.train()
-        mb = cfg.train.micro_batch_size
+        mb, perf = cfg.train.micro_batch_size, cfg.perf
+        server = isinstance(self.teacher, ServerTeacher)
         starts = list(range(0, len(responses), mb))
         if self.dist.fsdp:
             # Every process runs as many forwards/backwards as the busiest one (each is a
@@ -542,8 +543,6 @@ class Trainer:
             sl = slice(start, start + mb)
             resp = responses[sl]
             prompt_of = roll.prompt_index[sl]
-            perf = cfg.perf
-            server = isinstance(self.teacher, ServerTeacher)
             if start == 0 and weight and server:
                 # A teacher behind a vLLM server: its log-probs of the sampled tokens and its
                 # top-k at every response position, for the whole step's rows at once.
