@@ -458,6 +458,22 @@ def sampled_token_loss(
     return -ratio * advantage
 
 
+def sampled_token_record(student_logp: Tensor, teacher_logp_sampled: Tensor, sampled: Tensor) -> TokenLoss:
+    """The sampled-token objective as a :class:`TokenLoss`, from the student's ``[N, V]``
+    log-probs, the teacher's ``[N]`` log-probs of the sampled tokens and those tokens.
+
+    Here the "slots" are the sampled tokens: the masses are their probabilities and the KL
+    column is the single-sample estimate ``log p_s(y_t) - log p_t(y_t)``.
+    """
+    s_tok = student_logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    t_tok = teacher_logp_sampled.detach()
+    with torch.no_grad():
+        entropy = -(student_logp.exp() * student_logp).sum(-1)
+    return TokenLoss(loss=sampled_token_loss(s_tok, s_tok.detach(), t_tok),
+                     kl=(s_tok - t_tok).detach(), student_topk_mass=s_tok.detach().exp(),
+                     teacher_topk_mass=t_tok.exp(), student_entropy=entropy)
+
+
 # --------------------------------------------------------------------------- reduction
 
 

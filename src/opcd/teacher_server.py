@@ -148,15 +148,10 @@ def server_token_loss(student_logits: Tensor, scores: SparseScores, sampled: Ten
     from opcd import losses
 
     s_logp = torch.log_softmax(student_logits.float(), dim=-1)
-    s_tok = s_logp.gather(-1, sampled[:, None])[:, 0]
-    t_tok = scores.sampled.to(s_logp.device)
+    if objective == "sampled_token":
+        return losses.sampled_token_record(s_logp, scores.sampled.to(s_logp.device), sampled)
     with torch.no_grad():
         entropy = -(s_logp.exp() * s_logp).sum(-1)
-    if objective == "sampled_token":
-        loss = losses.sampled_token_loss(s_tok, s_tok.detach(), t_tok)
-        return losses.TokenLoss(loss=loss, kl=(s_tok - t_tok).detach(),
-                                student_topk_mass=s_tok.detach().exp(),
-                                teacher_topk_mass=t_tok.exp(), student_entropy=entropy)
     t_ids, t_logp = scores.top_ids.to(s_logp.device), scores.top_logp.to(s_logp.device)
     s_slots = s_logp.gather(-1, t_ids)
     loss = losses.forward_kl_slots(s_slots, t_logp, renormalize=renormalize)

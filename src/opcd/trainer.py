@@ -706,17 +706,8 @@ class Trainer:
         s_logp = losses.temperature_log_softmax(student_logits, T)
         with torch.no_grad():
             t_logp = losses.temperature_log_softmax(teacher_logits, T)
-        s_tok = s_logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         t_tok = t_logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        loss = losses.sampled_token_loss(s_tok, s_tok.detach(), t_tok)
-        with torch.no_grad():
-            ent = -(s_logp.exp() * s_logp).sum(-1)
-        # Here the "slots" are the sampled tokens: masses are their probabilities and the KL
-        # column is the single-sample estimate log p_s(y_t) - log p_t(y_t).
-        return losses.TokenLoss(
-            loss=loss, kl=(s_tok - t_tok).detach(), student_topk_mass=s_tok.detach().exp(),
-            teacher_topk_mass=t_tok.exp(), student_entropy=ent,
-        )
+        return losses.sampled_token_record(s_logp, t_tok, sampled)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, with_context: bool = False) -> EvalResult:
