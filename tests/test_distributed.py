@@ -100,12 +100,10 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
         check_distributed(ovd, Dist(1, 2))
     sharded = Dist(0, 2, fsdp=FsdpSettings())
     check_distributed(cfg, sharded)
-    for override, message in (("lora.enabled=true", "lora.enabled=true is not supported with FSDP"),
-                              ("rollout.dtype=bfloat16", "rollout.dtype=bfloat16 is not supported")):
-        bad = config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override])
-        check_distributed(bad, Dist(0, 2))  # fine data parallel
-        with pytest.raises(ConfigError, match=message):
-            check_distributed(bad, sharded)
+    lora = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["lora.enabled=true"])
+    check_distributed(lora, Dist(0, 2))  # fine data parallel
+    with pytest.raises(ConfigError, match="lora.enabled=true is not supported with FSDP"):
+        check_distributed(lora, sharded)
 
 
 def test_merge_results_restores_item_order() -> None:
@@ -293,20 +291,22 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
                   tol=1e-3)
 
 
-@pytest.mark.parametrize("teacher", ["model", "live", "live-naive"])
-def test_fsdp_with_other_teachers(teacher: str, tiny_model_dir: Path, tiny_model_dir_other: Path,
-                                  tmp_path: Path) -> None:
-    """Under FSDP, teacher.mode=model (the other model's layers sharded and gathered to score)
-    and teacher.mode=live (the sharded student gathered to score; also with the naive
-    computation, which scores per micro-batch) take the one-process steps."""
-    t = ({"mode": "model", "model": str(tiny_model_dir_other)} if teacher == "model"
-         else {"mode": "live"})
-    perf = {"prefix_cache": False, "chunked_loss": False} if teacher == "live-naive" else {}
+@pytest.mark.parametrize("variant", ["model", "live", "live-naive", "bf16-rollout"])
+def test_fsdp_variants(variant: str, tiny_model_dir: Path, tiny_model_dir_other: Path,
+                       tmp_path: Path) -> None:
+    """Under FSDP, teacher.mode=model (the other model's layers sharded and gathered to score),
+    teacher.mode=live (the sharded student gathered to score; also with the naive computation,
+    which scores per micro-batch) and rollout.dtype=bfloat16 (a whole bf16 copy per process,
+    synced from the gathered weights) take the one-process steps."""
+    t = ({"mode": "model", "model": str(tiny_model_dir_other)} if variant == "model"
+         else {"mode": "live"} if variant.startswith("live") else {})
+    perf = {"prefix_cache": False, "chunked_loss": False} if variant == "live-naive" else {}
+    roll = {"dtype": "bfloat16"} if variant == "bf16-rollout" else {}
 
     def cfg(name: str) -> dict[str, Any]:
         return tiny_config(tiny_model_dir, tmp_path / name,
                            train={"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
-                           eval={"size": 2, "every": 0}, teacher=t, perf=perf)
+                           eval={"size": 2, "every": 0}, teacher=t, perf=perf, rollout=roll)
 
     one = train(cfg("one"), progress=False)
     sharded = cfg("sharded")

@@ -64,6 +64,12 @@ class RolloutBackend(ABC):
 
     name: str = ""
 
+    @property
+    def own_weights(self) -> bool:
+        """True when it samples from its own copy of the weights (kept by :meth:`sync_weights`),
+        not from the training model."""
+        return False
+
     @abstractmethod
     def sample(
         self,
@@ -107,6 +113,10 @@ class HFBackend(RolloutBackend):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.engine = engine
+
+    @property
+    def own_weights(self) -> bool:
+        return self.copy
 
     def sync_weights(self, model: nn.Module) -> None:
         if not self.copy:
@@ -268,6 +278,7 @@ class VllmBackend(RolloutBackend):
     """
 
     name = "vllm"
+    own_weights = True  # type: ignore[assignment]  # the engine's copy
 
     def __init__(
         self,

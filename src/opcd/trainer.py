@@ -349,8 +349,6 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
         "lora.enabled=true": (cfg.lora.enabled, "a LoRA run's trainable state is small: launch "
                               "it data parallel (configs/accelerate/ddp_gpu.yaml), or set "
                               "lora.enabled=false to shard a full fine-tune"),
-        f"rollout.dtype={cfg.rollout.dtype}": (cfg.rollout.dtype != "model",
-                                              "use rollout.dtype=model under FSDP"),
     }
     for setting, (bad, fix) in fixes.items():
         if bad:
@@ -417,6 +415,8 @@ class Trainer:
         # With full fine-tuning the frozen teacher is a copy taken now, before any update
         # (and before the student is sharded; under FSDP the copy's layers are sharded next).
         self.teacher = self._build_teacher(teacher_model, teacher_tok)
+        # Before sharding: a sampling copy in rollout.dtype is cast from the whole weights.
+        self.backend: RolloutBackend = self._build_backend()
         if self.dist.fsdp:
             self._say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
             shard_model(self.student, self.dist.world, self.device, self.dist.fsdp)
@@ -430,7 +430,6 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.backend: RolloutBackend = self._build_backend()
         if cfg.rollout.dtype != "model" and self.dist.is_main:
             note = slow_dtype_note(self.student, getattr(torch, cfg.rollout.dtype))
             if note:
@@ -451,6 +450,13 @@ class Trainer:
             max_model_len=self.max_prompt_tokens + r.max_new_tokens, seed=self.cfg.train.seed,
             dtype=None if r.dtype == "model" else getattr(torch, r.dtype),
         )
+
+    def _sync_backend(self) -> None:
+        """Copy the student's weights into a backend that samples from its own copy (under
+        FSDP, gathered whole for it)."""
+        if self.backend.own_weights:
+            with gathered(self.student):
+                self.backend.sync_weights(self.student)
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
         """The teacher of this method (OPCD: the log-prob :class:`Teacher`, or a
@@ -493,7 +499,9 @@ class Trainer:
         idx = self.order.take(cfg.train.batch_size)
         mine = self.dist.shard(len(idx))  # this process's positions in the global batch
         episode_figures: dict[str, float] = {}
-        sampling = gathered(self.student)  # FSDP: whole weights while sampling (else a no-op)
+        # FSDP: the student's weights whole while it samples (a no-op without FSDP, or when
+        # the backend samples from its own copy).
+        sampling = contextlib.nullcontext() if self.backend.own_weights else gathered(self.student)
         if is_multiturn(self.task):
             # Games: the student plays whole episodes; every reply it generated is a row.
             with sampling:
@@ -624,7 +632,7 @@ class Trainer:
         skip_reason = non_finite_reason(sums["loss"], grad_norm)
         if skip_reason is None:
             self.optimizer.step()
-            self.backend.sync_weights(self.student)  # the next rollout samples the new weights
+            self._sync_backend()  # the next rollout samples the new weights
         self.optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t_update_start - t_teacher
         self.step += 1
@@ -764,7 +772,7 @@ class Trainer:
         sharded = self.dist.fsdp is not None
         ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled,
                           load_state=partial(load_full_model_state, self.student) if sharded else None)
-        self.backend.sync_weights(self.student)
+        self._sync_backend()
         ckpt.load_optimizer(
             latest, self.optimizer,
             partial(load_full_optimizer_state, self.student, self.optimizer) if sharded else None,
