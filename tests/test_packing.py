@@ -65,6 +65,9 @@ def test_should_pack_policy(tiny, monkeypatch) -> None:
         assert packing.packed_decode_setting() == "auto"
     monkeypatch.setenv("OPCD_PACKED_DECODE", "auto")
     assert not packing.should_pack(model.to(torch.bfloat16), long)  # fp32 weights only
+    monkeypatch.setenv("OPCD_PACKED_DECODE", "1")  # asked for: it says why not
+    with pytest.warns(UserWarning, match="OPCD_PACKED_DECODE=1, but .* plain weights"):
+        assert not packing.should_pack(model, long)
 
 
 @needs_mkl

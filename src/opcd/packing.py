@@ -74,9 +74,15 @@ def _packable(module: nn.Module) -> bool:
 def should_pack(model: nn.Module, max_new_tokens: int) -> bool:
     """Whether :func:`opcd.rollout.sample` packs ``model``'s weights for this generation."""
     setting = packed_decode_setting()
-    if setting == "0" or not packing_available():
+    if setting == "0":
         return False
-    if not any(_packable(m) for m in model.modules()):
+    why = ("this torch build has no MKL packed GEMM" if not packing_available() else
+           None if any(_packable(m) for m in model.modules()) else
+           "the model has no float32 linear layers on the CPU")
+    if why is not None:
+        if setting == "1":  # asked for explicitly: say why it does not happen
+            warnings.warn(f"OPCD_PACKED_DECODE=1, but {why}: decoding with the plain weights.",
+                          stacklevel=2)
         return False
     return setting == "1" or max_new_tokens >= PACK_MIN_NEW_TOKENS
 
