@@ -452,11 +452,11 @@ class Trainer:
         )
 
     def _sync_backend(self) -> None:
-        """Copy the student's weights into a backend that samples from its own copy (under
-        FSDP, gathered whole for it)."""
-        if self.backend.own_weights:
-            with gathered(self.student):
-                self.backend.sync_weights(self.student)
+        """Tell the backend the weights changed; one that samples from its own copy reads them
+        (under FSDP, gathered whole for it)."""
+        whole = gathered(self.student) if self.backend.own_weights else contextlib.nullcontext()
+        with whole:
+            self.backend.sync_weights(self.student)
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
         """The teacher of this method (OPCD: the log-prob :class:`Teacher`, or a
