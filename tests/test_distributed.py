@@ -100,10 +100,8 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
         check_distributed(ovd, Dist(1, 2))
     sharded = Dist(0, 2, fsdp=FsdpSettings())
     check_distributed(cfg, sharded)
-    lora = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["lora.enabled=true"])
-    check_distributed(lora, Dist(0, 2))  # fine data parallel
-    with pytest.raises(ConfigError, match="lora.enabled=true is not supported with FSDP"):
-        check_distributed(lora, sharded)
+    for override in ("lora.enabled=true", "teacher.mode=live", "rollout.dtype=bfloat16"):
+        check_distributed(config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override]), sharded)
 
 
 def test_merge_results_restores_item_order() -> None:
@@ -313,3 +311,35 @@ def test_fsdp_variants(variant: str, tiny_model_dir: Path, tiny_model_dir_other:
     _launch(sharded, tmp_path / "sharded", fsdp=True)
     _assert_close(weights(Path(sharded["run"]["dir"]) / "final"), weights(one.final_model),
                   weights(tiny_model_dir))
+
+
+def test_fsdp_lora_equals_one_process_and_resumes_across_counts(tmp_path: Path) -> None:
+    """LoRA under FSDP (the base and adapters sharded; the frozen teacher is the base with the
+    adapter off, gathered to score): the merged final model of the one-process run, and
+    adapter checkpoints that resume sharded or not."""
+    model_dir = save_tiny(tmp_path / "tied", tie=True)
+    initial = weights(model_dir)
+
+    def cfg(name: str, steps: int) -> dict[str, Any]:
+        return tiny_config(model_dir, tmp_path / name,
+                           train={"steps": steps, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
+                           run={"save_every": 2, "keep_last": 5}, eval={"size": 2, "every": 0},
+                           lora={"enabled": True, "r": 4, "alpha": 8})
+
+    one_at_2 = weights(train(cfg("one2", 2), progress=False).final_model)
+    one_final = weights(train(cfg("one4", 4), progress=False).final_model)
+
+    sharded = cfg("sharded", 2)
+    _launch(sharded, tmp_path / "sharded", fsdp=True)
+    sharded_dir = Path(sharded["run"]["dir"])
+    _assert_close(weights(sharded_dir / "final"), one_at_2, initial)  # merged, base names
+    shutil.rmtree(sharded_dir / "final")
+    sharded["train"]["steps"] = 4
+    train(sharded, resume=True, progress=False)  # the sharded adapter checkpoint, one process
+    _assert_close(weights(sharded_dir / "final"), one_final, initial)
+
+    mixed = cfg("mixed", 2)
+    train(mixed, progress=False)
+    mixed["train"]["steps"] = 4
+    _launch(mixed, tmp_path / "mixed", resume=True, fsdp=True)  # a one-process checkpoint, sharded
+    _assert_close(weights(Path(mixed["run"]["dir"]) / "final"), one_final, initial)

@@ -423,16 +423,24 @@ def load_weights(ckpt: Path, model: nn.Module, lora: bool,
     """Load the checkpoint's weights into ``model`` in place (safetensors only).
 
     ``load_state`` (a state dict -> its missing and unexpected keys) replaces
-    ``model.load_state_dict(state, strict=False)``: a sharded run's loader.
+    ``model.load_state_dict(state, strict=False)`` (and, with ``lora``, PEFT's loader, given
+    the adapter's weights): a sharded run's loader.
     """
     from safetensors.torch import load_file
 
     folder = ckpt / "model"
     try:
         if lora:
+            adapter = load_file(str(folder / "adapter_model.safetensors"))
+            if load_state is not None:  # sharded: the adapter's keys, as the model names them
+                _, unexpected = load_state(adapter)
+                if unexpected:
+                    raise CheckpointError(f"checkpoint {str(ckpt)!r}: adapter weights the model "
+                                          f"does not have: {sorted(unexpected)[:5]}")
+                return
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+            set_peft_model_state_dict(model, adapter)
             return
         state: dict[str, torch.Tensor] = {}
         for f in sorted(folder.glob("*.safetensors")):

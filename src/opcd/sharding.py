@@ -22,7 +22,9 @@ equals the one-process step. Every process must run the same number of micro-bat
 the trainer pads the shorter processes with zero-weight repeats.
 
 Checkpoints hold the *full* state (gathered here, written by the main process) in the same
-layout as an unsharded run, so a run resumes on any process count, sharded or not.
+layout as an unsharded run, so a run resumes on any process count, sharded or not. Under
+LoRA the whole PEFT model is sharded, a checkpoint holds the adapter as usual, and the
+final merged model is folded from the gathered state (:func:`merged_lora_state`).
 
 Which accelerate FSDP settings are read: ``FSDP_RESHARD_AFTER_FORWARD`` (``true`` /
 ``FULL_SHARD``: free each layer's gathered weights after its forward; ``false`` /
@@ -258,3 +260,59 @@ def save_pretrained_full(model: nn.Module, folder: Path, state: dict[str, torch.
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)  # type: ignore[operator]
     finally:
         model.__class__ = fsdp_cls
+
+
+# --------------------------------------------------------------------------- LoRA under FSDP
+
+
+def merged_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights with the LoRA adapters folded in, from the gathered ``state``
+    of a sharded PEFT ``model`` (its own parameter names).
+
+    PEFT's ``merge_and_unload`` works on the modules' weights, which are shards here; this is
+    its computation for opcd's plain LoRA layers on the whole tensors: ``W + (B @ A) * scale``
+    for each adapted linear layer (an adapter's ``scaling``, the layers' ``fan_in_fan_out``
+    false, as PEFT sets it for ``nn.Linear``). Names are the base model's, tied copies once.
+    """
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    adapted: dict[str, torch.Tensor] = {}
+    for name, module in model.get_base_model().named_modules():  # type: ignore[operator]
+        lora_a = getattr(module, "lora_A", None)
+        if not lora_a or not hasattr(module, "base_layer"):
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            raise ConfigError(f"LoRA layer {name} has fan_in_fan_out=True, which opcd cannot "
+                              "merge from sharded weights; launch the run data parallel.")
+        delta = None
+        for adapter in module.active_adapters:
+            if adapter not in lora_a:
+                continue
+            a = state[f"{prefix}{name}.lora_A.{adapter}.weight"]
+            b = state[f"{prefix}{name}.lora_B.{adapter}.weight"]
+            d = (b.double() @ a.double()) * module.scaling[adapter]
+            delta = d if delta is None else delta + d
+        if delta is not None:
+            adapted[f"{name}.weight"] = delta
+    keep = {n.removeprefix(prefix).replace(".base_layer.", ".") for n, _ in model.named_parameters()}
+    keep |= {n.removeprefix(prefix).replace(".base_layer.", ".") for n, _ in model.named_buffers()}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        clean = key.removeprefix(prefix).replace(".base_layer.", ".")
+        if clean not in keep:
+            continue  # a tied head's second name
+        out[clean] = (value.double() + adapted[clean]).to(value.dtype) if clean in adapted else value
+    return out
+
+
+def adapter_keys_to_model_keys(state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """A saved adapter's keys (``...lora_A.weight``) as the PEFT model names its parameters
+    (``...lora_A.<adapter>.weight``), for :func:`load_full_model_state`."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            head, leaf = key.rsplit(".", 1)
+            key = f"{head}.{adapter}.{leaf}"
+        out[key] = value
+    return out

@@ -141,9 +141,9 @@ class Teacher:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
             if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
                 self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-            if has_shards(self._model):
-                # A sharded frozen copy or other model never changes; its gathered weights are
-                # new tensors at every gather, so their fingerprint would say nothing.
+            if has_shards(self._model) or (self._uses_adapter_off and has_shards(self._student)):
+                # A sharded frozen copy, other model or LoRA base never changes; its gathered
+                # weights are new tensors at every gather, so their fingerprint would say nothing.
                 self.store.check(("sharded, frozen",))
             elif has_shards(self._student) and self._model is None:
                 self.store.clear()  # live and sharded: the weights changed since the last step

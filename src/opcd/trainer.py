@@ -61,11 +61,13 @@ from opcd.rollout_backends import (
 )
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.sharding import (
+    adapter_keys_to_model_keys,
     full_model_state,
     full_optimizer_state,
     gathered,
     load_full_model_state,
     load_full_optimizer_state,
+    merged_lora_state,
     save_pretrained_full,
     shard_frozen_layers,
     shard_model,
@@ -343,16 +345,6 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
             f"launched: every process needs at least one prompt per step. Set train.batch_size "
             f">= {dist.world} (it is the global batch, split between the processes)."
         )
-    if dist.fsdp is None:
-        return
-    fixes = {
-        "lora.enabled=true": (cfg.lora.enabled, "a LoRA run's trainable state is small: launch "
-                              "it data parallel (configs/accelerate/ddp_gpu.yaml), or set "
-                              "lora.enabled=false to shard a full fine-tune"),
-    }
-    for setting, (bad, fix) in fixes.items():
-        if bad:
-            raise ConfigError(f"{setting} is not supported with FSDP yet: {fix}.")
 
 
 @dataclass
@@ -770,8 +762,14 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {str(latest)!r} has an incomplete state ({e!r})") from None
         sharded = self.dist.fsdp is not None
-        ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled,
-                          load_state=partial(load_full_model_state, self.student) if sharded else None)
+        load_state = None
+        if sharded and self.cfg.lora.enabled:
+            adapter = self.student.active_adapter  # type: ignore[union-attr]
+            load_state = lambda sd: load_full_model_state(  # noqa: E731
+                self.student, adapter_keys_to_model_keys(sd, adapter))
+        elif sharded:
+            load_state = partial(load_full_model_state, self.student)
+        ckpt.load_weights(latest, self.student, lora=self.cfg.lora.enabled, load_state=load_state)
         self._sync_backend()
         ckpt.load_optimizer(
             latest, self.optimizer,
@@ -789,12 +787,17 @@ class Trainer:
         if not self.dist.is_main:
             return run_dir / "final"
         model = self.student
-        if self.cfg.lora.enabled:
+        if self.cfg.lora.enabled and state is not None:
+            state = merged_lora_state(model, state)  # the adapters folded into the base
+            model = model.get_base_model()  # type: ignore[operator]
+        elif self.cfg.lora.enabled:
             model = model.merge_and_unload()  # type: ignore[operator]
             self.student = model
 
         def write(tmp: Path) -> None:
-            if state is not None:
+            if state is not None and self.cfg.lora.enabled:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            elif state is not None:
                 save_pretrained_full(model, tmp, state)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
