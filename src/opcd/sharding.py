@@ -207,6 +207,20 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole trainable parameters (a LoRA run's adapters) on the main process (CPU),
+    empty elsewhere. Collective: every process gathers them in the same order."""
+    import torch.distributed as dist
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            if dist.get_rank() == 0:
+                out[name] = whole.cpu()
+    return out
+
+
 def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 

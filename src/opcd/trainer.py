@@ -64,6 +64,7 @@ from opcd.sharding import (
     adapter_keys_to_model_keys,
     full_model_state,
     full_optimizer_state,
+    full_trainable_state,
     gathered,
     load_full_model_state,
     load_full_optimizer_state,
@@ -731,7 +732,9 @@ class Trainer:
         """
         extra: dict[str, Any] = {}
         if self.dist.fsdp:
-            model_state = full_model_state(self.student)
+            # LoRA: only the adapter is written, so only the trainable weights are gathered.
+            gather = full_trainable_state if self.cfg.lora.enabled else full_model_state
+            model_state = gather(self.student)
             extra = {"optimizer_state": full_optimizer_state(self.student, self.optimizer),
                      "write_model": lambda d: save_pretrained_full(self.student, d, model_state)}
         if not self.dist.is_main:
