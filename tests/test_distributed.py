@@ -343,3 +343,33 @@ def test_fsdp_lora_equals_one_process_and_resumes_across_counts(tmp_path: Path) 
     mixed["train"]["steps"] = 4
     _launch(mixed, tmp_path / "mixed", resume=True, fsdp=True)  # a one-process checkpoint, sharded
     _assert_close(weights(Path(mixed["run"]["dir"]) / "final"), one_final, initial)
+
+
+def test_a_sharded_teachers_prefix_cache_follows_its_own_shards(tiny_model_dir: Path) -> None:
+    """The prefix cache's fingerprint reads each sharded weight's own shard: an optimiser
+    step on the student changes a live teacher's, never a frozen copy's, and gathering the
+    weights (new tensors every time) changes neither. One process, a 1-process FSDP mesh."""
+    import torch.distributed as torch_dist
+    from transformers import AutoModelForCausalLM
+
+    from opcd.sharding import FsdpSettings, gathered, shard_frozen_layers, shard_model
+    from opcd.teacher import Teacher
+
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        frozen = Teacher("frozen", student)  # the copy, taken before sharding
+        cpu = torch.device("cpu")
+        shard_model(student, 1, cpu, FsdpSettings())
+        shard_frozen_layers(frozen.separate_model, 1, cpu)
+        live = Teacher("live", student)
+        before = frozen._fingerprint(), live._fingerprint()
+        with gathered(student), gathered(frozen.separate_model):
+            pass
+        assert (frozen._fingerprint(), live._fingerprint()) == before
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        student(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        opt.step()
+        assert frozen._fingerprint() == before[0] and live._fingerprint() != before[1]
+    finally:
+        torch_dist.destroy_process_group()

@@ -107,10 +107,18 @@ class Teacher:
         with self._whole(), self._scorer() as model:
             return response_logits(model, batch)
 
-    def _fingerprint(self, model: nn.Module) -> tuple[Any, ...]:
-        """Changes whenever a weight the teacher reads is modified or replaced."""
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """Changes whenever a weight the teacher reads is modified or replaced.
+
+        Read outside :meth:`_whole`: a sharded weight counts by its shard (its storage, and
+        the version of the sharded parameter, which the optimiser's in-place update bumps);
+        gathered copies are new tensors at every gather.
+        """
+        from torch.distributed.tensor import DTensor
+
+        model = self._model if self._model is not None else self._student
         return tuple(
-            (p.data_ptr(), p._version)
+            ((p.to_local() if isinstance(p, DTensor) else p).data_ptr(), p._version)
             for name, p in model.named_parameters()
             if not (self._uses_adapter_off and "lora_" in name)
         )
@@ -134,21 +142,13 @@ class Teacher:
         group of rows sharing a prompt prefix runs it once, and block-aligned prefixes are
         kept across calls while the weights stay the same; without, every row runs in full.
         """
-        from opcd.sharding import has_shards
-
+        fingerprint = self._fingerprint() if prefix_cache else ()
         with self._whole(), self._scorer() as model:
             if not prefix_cache:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
             if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
                 self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-            if has_shards(self._model) or (self._uses_adapter_off and has_shards(self._student)):
-                # A sharded frozen copy, other model or LoRA base never changes; its gathered
-                # weights are new tensors at every gather, so their fingerprint would say nothing.
-                self.store.check(("sharded, frozen",))
-            elif has_shards(self._student) and self._model is None:
-                self.store.clear()  # live and sharded: the weights changed since the last step
-            else:
-                self.store.check(self._fingerprint(model))
+            self.store.check(fingerprint)
             return cached_response_hidden(
                 model, prompts, responses, pad_id, store=self.store, batch_size=batch_size,
                 block=block, min_shared=min_shared,
