@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def sum_tolerance(term_scale: float, ulps: float = 64.0) -> float:
+    """Absolute tolerance for two float32 computations of a mean of per-token divergences
+    that differ only in summation order (processes, micro-batches, padding).
+
+    Each token's divergence sums terms of magnitude up to ``term_scale`` (about the
+    entropy, in nats) that cancel to a value that may be far smaller: the rounding error is
+    set by the terms, not by the result, so a relative tolerance on a loss of order 1e-7 is
+    meaningless. ``ulps`` float32 epsilons of the terms' scale.
+    """
+    return ulps * FLOAT32_EPS * (abs(term_scale) + 1.0)
+
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import save_tiny
+from conftest import save_tiny, sum_tolerance
 from test_trainer import tiny_config, weights
 
 from opcd import rollout
@@ -281,8 +281,11 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
     assert steps[0]["trained_turns"] % 2 == 1  # 2 episodes on one process, 1 on the other
     # The gradients are the one-process gradients up to summation order (step 1's norm) ...
     assert steps[0]["grad_norm"] == pytest.approx(one.history[0]["grad_norm"], rel=1e-5)
+    # The loss (~1e-7 here) is a sum of terms of the entropy's scale that cancel: compare it
+    # at the rounding error of those terms, not relative to the tiny result.
     for r, m in zip(steps, one.history, strict=True):
-        assert r["loss"] == pytest.approx(m["loss"], rel=1e-4, abs=1e-9)
+        assert r["loss"] == pytest.approx(m["loss"], rel=1e-4,
+                                          abs=sum_tolerance(m["student_entropy"]))
     # ... which AdamW's first steps amplify where a gradient is near zero (its update is
     # about lr * sign(g)): a looser bound on the weights than the even-split tests need.
     _assert_close(weights(sharded_dir / "final"), weights(one.final_model), weights(tiny_model_dir),

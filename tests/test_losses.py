@@ -82,6 +82,19 @@ def brute_reverse_kl(
     return torch.stack(out)
 
 
+def py_buckets(ls: list[float], lt: list[float], slots: tuple[int, ...] | list[int]
+               ) -> tuple[dict[int, float], dict[int, float]]:
+    """Both sides' log-probs over the slots plus the rest bucket (key -1), by plain sums."""
+    rest = [v for v in range(len(ls)) if v not in slots]
+
+    def bucket(lp: list[float]) -> dict[int, float]:
+        out = {v: lp[v] for v in slots}
+        out[-1] = math.log(sum(math.exp(lp[v]) for v in rest))
+        return out
+
+    return bucket(ls), bucket(lt)
+
+
 def rand_logits(n: int, v: int, seed: int, scale: float = 3.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, v, generator=gen, dtype=F64) * scale
@@ -166,7 +179,7 @@ def test_reverse_kl_hand_made_plain_renormalized_and_union() -> None:
 
     plain = py_kl({v: ls[v] for v in (0, 1)}, {v: lt[v] for v in (0, 1)})
     assert plain == pytest.approx(1.335058629949371)
-    out = distill_token_loss(zs, zt, k=2)
+    out = distill_token_loss(zs, zt, k=2, tail=False)  # the reference code's formula
     assert out.loss.item() == pytest.approx(plain, rel=1e-12)
     assert out.student_topk_mass.item() == pytest.approx(math.exp(ls[0]) + math.exp(ls[1]))
     assert out.teacher_topk_mass.item() == pytest.approx(math.exp(lt[0]) + math.exp(lt[1]))
@@ -182,7 +195,7 @@ def test_reverse_kl_hand_made_plain_renormalized_and_union() -> None:
 
     union = py_kl({v: ls[v] for v in (0, 1, 2)}, {v: lt[v] for v in (0, 1, 2)})
     assert union == pytest.approx(1.1654428460408688)
-    out = distill_token_loss(zs, zt, k=2, slot_source="union")
+    out = distill_token_loss(zs, zt, k=2, slot_source="union", tail=False)
     assert out.loss.item() == pytest.approx(union, rel=1e-12)
     mass = sum(math.exp(ls[v]) for v in (0, 1, 2))
     assert out.student_topk_mass.item() == pytest.approx(mass)
@@ -204,7 +217,8 @@ def test_reverse_kl_gradient_matches_brute_force(
 ) -> None:
     zs = rand_logits(4, 9, seed=4).requires_grad_(True)
     zt = rand_logits(4, 9, seed=5)
-    out = distill_token_loss(zs, zt, k=k, temperature=temperature, renormalize=renormalize)
+    out = distill_token_loss(zs, zt, k=k, temperature=temperature, renormalize=renormalize,
+                             tail=False)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
     (grad,) = torch.autograd.grad((out.loss * weights).sum(), zs)
     ref = brute_reverse_kl(zs, zt, k, temperature, renormalize)
@@ -273,6 +287,128 @@ def test_minus_inf_logits_give_finite_loss_and_gradient() -> None:
     assert torch.isinf(out.loss).all()
 
 
+# --------------------------------------------------------------------------- the rest bucket
+
+OBJECTIVES_ALL = ("reverse_kl", "forward_kl", "jsd", "akl")
+
+
+def brute_bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                            objective: str, source: str = "student", beta: float = 0.5
+                            ) -> torch.Tensor:
+    """The divergence over the slots plus the rest bucket, written row by row from
+    ``exp / sum(exp)`` probabilities: the rest is the plain sum of the other tokens' mass."""
+    out = []
+    for zs, zt in zip(student_logits, teacher_logits, strict=True):
+        ps = zs.exp() / zs.exp().sum()
+        pt = zt.detach().exp() / zt.detach().exp().sum()
+        top_s = set(torch.argsort(ps.detach(), descending=True)[:k].tolist())
+        top_t = set(torch.argsort(pt, descending=True)[:k].tolist())
+        slots = sorted(top_s if source == "student" else top_t if source == "teacher"
+                       else top_s | top_t)
+        rest = [v for v in range(len(zs)) if v not in slots]
+        bs = torch.stack([*ps[slots], ps[rest].sum() if rest else ps.new_zeros(())])
+        bt = torch.stack([*pt[slots], pt[rest].sum() if rest else pt.new_zeros(())])
+        keep_s, keep_t = bs > 0, bt > 0
+        rkl = (bs[keep_s] * (bs[keep_s].log() - bt[keep_s].log())).sum()
+        fkl = (bt[keep_t] * (bt[keep_t].log() - bs[keep_t].log())).sum()
+        if objective == "reverse_kl":
+            out.append(rkl)
+        elif objective == "forward_kl":
+            out.append(fkl)
+        elif objective == "jsd":
+            m = beta * bt + (1 - beta) * bs
+            out.append(beta * (bt[keep_t] * (bt[keep_t] / m[keep_t]).log()).sum()
+                       + (1 - beta) * (bs[keep_s] * (bs[keep_s] / m[keep_s]).log()).sum())
+        else:  # akl: the teacher's head up to half its mass, gaps weigh forward vs reverse
+            order = torch.argsort(bt, descending=True)
+            before = torch.cumsum(bt[order], 0) - bt[order]
+            head = order[before < 0.5]
+            gap = (bt - bs).detach().abs()
+            g_head = gap[head].sum()
+            w = g_head / gap.sum()
+            out.append(w * fkl + (1 - w) * rkl)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES_ALL)
+@pytest.mark.parametrize(("k", "source"), [(1, "student"), (3, "student"), (3, "teacher"),
+                                           (4, "union"), (9, "student")])
+def test_rest_bucket_value_and_gradient_match_brute_force(objective: str, k: int,
+                                                          source: str) -> None:
+    zs = rand_logits(4, 9, seed=40).requires_grad_(True)
+    zt = rand_logits(4, 9, seed=41)
+    out = distill_token_loss(zs, zt, objective=objective, k=k, slot_source=source)
+    ref = brute_bucket_divergence(zs, zt, k, objective, source)
+    torch.testing.assert_close(out.loss, ref)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    (grad,) = torch.autograd.grad((out.loss * weights).sum(), zs)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), zs)
+    torch.testing.assert_close(grad, ref_grad)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES_ALL)
+def test_rest_bucket_is_exact_when_k_is_the_vocabulary(objective: str) -> None:
+    zs = rand_logits(5, 7, seed=42).requires_grad_(True)
+    zt = rand_logits(5, 7, seed=43)
+    full = distill_token_loss(zs, zt, objective=objective, k=7)
+    ref = brute_bucket_divergence(zs, zt, 7, objective)  # no rest: the plain divergence
+    torch.testing.assert_close(full.loss, ref)
+    (grad,) = torch.autograd.grad(full.loss.sum(), zs)
+    assert torch.isfinite(grad).all()  # the empty rest bucket gives no NaN
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 12),
+       source=st.sampled_from(["student", "teacher", "union"]),
+       objective=st.sampled_from(OBJECTIVES_ALL))
+def test_rest_bucket_divergences_are_non_negative(seed: int, k: int, source: str,
+                                                  objective: str) -> None:
+    zs, zt = rand_logits(6, 10, seed=seed), rand_logits(6, 10, seed=seed + 1)
+    out = distill_token_loss(zs, zt, k=k, objective=objective, slot_source=source)
+    assert bool((out.loss >= -1e-12).all()) and bool((out.kl >= -1e-12).all())
+    same = distill_token_loss(zs, zs.clone(), k=k, objective=objective, slot_source=source)
+    torch.testing.assert_close(same.loss, torch.zeros(6, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_rest_bucket_is_zero_only_for_equal_buckets() -> None:
+    """Two distributions that differ only inside the rest bucket have divergence 0; any
+    difference in a slot's or the rest's mass gives a positive one."""
+    ps = torch.tensor([[0.5, 0.3, 0.1, 0.1]], dtype=F64)
+    inside_rest = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=F64)  # same top-2, same rest
+    moved = torch.tensor([[0.45, 0.3, 0.15, 0.1]], dtype=F64)
+    for objective in OBJECTIVES_ALL:
+        zero = distill_token_loss(ps.log(), inside_rest.log(), k=2, objective=objective)
+        assert zero.loss.item() == pytest.approx(0.0, abs=1e-12), objective
+        pos = distill_token_loss(ps.log(), moved.log(), k=2, objective=objective)
+        assert pos.loss.item() > 1e-4, objective
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES_ALL)
+def test_moving_student_mass_out_of_the_slots_raises_the_loss(objective: str) -> None:
+    """The failure the rest bucket prevents: the student leaks mass from its top-k slots to
+    the other tokens. Once its rest exceeds the teacher's, every further leak raises the loss
+    (the slot-only formula falls instead, rewarding the broken model)."""
+    v, k = 400, 4
+    teacher = torch.full((v,), 0.02 / (v - k), dtype=F64)
+    teacher[:k] = torch.tensor([0.5, 0.3, 0.1, 0.08], dtype=F64)  # teacher rest: 0.02
+
+    def student(leak: float) -> torch.Tensor:
+        p = torch.empty(v, dtype=F64)
+        p[:k] = torch.tensor([0.55, 0.25, 0.12, 0.06], dtype=F64) * (1 - leak) / 0.98
+        p[k:] = leak / (v - k)  # stays below the slots' probabilities: same top-k
+        return p.log().unsqueeze(0)
+
+    leaks = [0.03, 0.1, 0.3, 0.6, 0.9]
+    with_rest = [distill_token_loss(student(x), teacher.log()[None], k=k,
+                                    objective=objective).loss.item() for x in leaks]
+    assert with_rest == sorted(with_rest) and with_rest[-1] > with_rest[0] + 0.1, with_rest
+    if objective == "reverse_kl":
+        slots_only = [distill_token_loss(student(x), teacher.log()[None], k=k, tail=False,
+                                         objective=objective).loss.item() for x in leaks]
+        assert slots_only[-1] < slots_only[0]  # the reference formula rewards the leak
+
+
 # --------------------------------------------------------------------------- forward KL and JSD
 
 
@@ -281,10 +417,11 @@ def test_forward_kl_hand_made_student_and_teacher_slots() -> None:
     ls, lt = py_logp(ZS), py_logp(ZT)
     for source, slots in (("student", (0, 1)), ("teacher", (1, 2)), ("union", (0, 1, 2))):
         expected = py_kl({v: lt[v] for v in slots}, {v: ls[v] for v in slots})
-        out = distill_token_loss(zs, zt, objective="forward_kl", k=2, slot_source=source)
+        out = distill_token_loss(zs, zt, objective="forward_kl", k=2, slot_source=source,
+                                 tail=False)
         assert out.loss.item() == pytest.approx(expected, rel=1e-12), source
-        # the logged kl is always the reverse KL over the same slots
-        rev = py_kl({v: ls[v] for v in slots}, {v: lt[v] for v in slots})
+        # the logged kl is always the reverse KL over the same slots and the rest bucket
+        rev = py_kl(*py_buckets(ls, lt, slots))
         assert out.kl.item() == pytest.approx(rev, rel=1e-12), source
     full = py_kl(dict(enumerate(lt)), dict(enumerate(ls)))
     out = distill_token_loss(zs, zt, objective="forward_kl", k=4)
@@ -313,8 +450,11 @@ def test_jsd_hand_made(beta: float) -> None:
     ls, lt = py_logp(ZS), py_logp(ZT)
     slots = (0, 1)
     expected = py_jsd({v: ls[v] for v in slots}, {v: lt[v] for v in slots}, beta)
-    out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta)
+    out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta, tail=False)
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    buckets = py_jsd(*py_buckets(ls, lt, slots), beta)
+    out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta)
+    assert out.loss.item() == pytest.approx(buckets, rel=1e-12)
     full = py_jsd(dict(enumerate(ls)), dict(enumerate(lt)), beta)
     out = distill_token_loss(zs, zt, objective="jsd", k=4, beta=beta)
     assert out.loss.item() == pytest.approx(full, rel=1e-12)
@@ -323,7 +463,8 @@ def test_jsd_hand_made(beta: float) -> None:
     out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta, renormalize=True)
     assert out.loss.item() == pytest.approx(renorm, rel=1e-12)
     union = py_jsd({v: ls[v] for v in (0, 1, 2)}, {v: lt[v] for v in (0, 1, 2)}, beta)
-    out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta, slot_source="union")
+    out = distill_token_loss(zs, zt, objective="jsd", k=2, beta=beta, slot_source="union",
+                             tail=False)
     assert out.loss.item() == pytest.approx(union, rel=1e-12)
 
 

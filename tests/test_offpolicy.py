@@ -25,11 +25,17 @@ def test_forward_kl_over_teacher_top_k_by_hand() -> None:
     idx, _ = losses.select_slots(torch.log_softmax(s_logits, -1), t_logp_full, 2, source="teacher")
     assert idx.tolist() == [[1, 2]]  # the teacher's top-2
     t_logp = t_logp_full.gather(-1, idx)
-    loss, stats = offpolicy_token_loss(s_logits, idx, t_logp, torch.tensor([1]), objective="fkl")
+    loss, stats = offpolicy_token_loss(s_logits, idx, t_logp, torch.tensor([1]), objective="fkl",
+                                       tail=False)
     s = torch.log_softmax(s_logits, -1)[0]
     t = t_logp_full[0]
     expected = sum(math.exp(t[v]) * (t[v] - s[v]) for v in (1, 2))
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    # with the rest bucket (default): tokens 0 and 3 as one more bucket on both sides
+    with_rest, _ = offpolicy_token_loss(s_logits, idx, t_logp, torch.tensor([1]))
+    t_rest, s_rest = t[[0, 3]].exp().sum(), s[[0, 3]].exp().sum()
+    rest_term = t_rest * (t_rest.log() - s_rest.log())
+    assert with_rest.item() == pytest.approx(float(expected + rest_term), rel=1e-5)
     assert stats["teacher_topk_mass"].item() == pytest.approx(float(t[1].exp() + t[2].exp()), rel=1e-5)
     assert stats["student_topk_mass"].item() == pytest.approx(float(s[1].exp() + s[2].exp()), rel=1e-5)
     # renormalised over the slots: the KL between the two renormalised 2-point distributions

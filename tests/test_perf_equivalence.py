@@ -252,6 +252,8 @@ def _unchunked(mask, hs, w, b, ht, wt, mode, **kw):
         {"objective": "forward_kl", "k": 5, "slot_source": "union"},
         {"objective": "jsd", "k": 50, "beta": 0.3, "temperature": 0.7},
         {"objective": "reverse_kl", "k": 3, "slot_source": "teacher"},
+        {"objective": "reverse_kl", "k": 7, "tail": False},  # the reference code's formula
+        {"objective": "akl", "k": 6, "slot_source": "union"},
     ],
 )
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -286,6 +288,7 @@ def test_chunked_loss_equals_unchunked(mode: str, kw: dict, chunk: int, head: st
         {"objective": "forward_kl", "k": 16, "slot_source": "union"},
         {"objective": "jsd", "k": 32, "beta": 0.7, "slot_source": "teacher"},
         {"objective": "reverse_kl", "k": 5000},  # k above the vocabulary: every token
+        {"objective": "akl", "k": 64, "tail": False},
     ],
 )
 def test_in_place_chunks_equal_the_generic_token_loss_fp32(kw: dict) -> None:

@@ -24,7 +24,7 @@ import yaml
 from opcd.errors import ConfigError
 
 TeacherMode = Literal["frozen", "model", "live", "server"]
-Objective = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
+Objective = Literal["reverse_kl", "forward_kl", "jsd", "akl", "sampled_token"]
 Reduction = Literal["token_mean", "seq_mean"]
 ContextPlacement = Literal["system", "user"]
 Method = Literal["opcd", "ovd", "offpolicy"]
@@ -52,8 +52,10 @@ class TaskConfig:
     """For ``placement: user``: how c and the prompt are joined ({context}, {prompt})."""
     prompts: str | None = None
     """JSONL file of user prompts (``{"prompt": ..., "id": ..., "context": ...}``)."""
-    behaviour: str | None = None
-    """Scorer for ``system_prompt`` tasks, e.g. ``language:fr``."""
+    behaviour: str | list[str] | None = None
+    """Scorer for ``system_prompt`` tasks: a spec such as ``language:fr`` or ``max_words:50``,
+    or a list of specs that must all hold (see ``opcd.tasks.behaviours``); for ``suite``,
+    the name of a suite entry."""
     eval_fraction: float = 0.25
     """Share of the prompts held out for evaluation (split by ``seed``)."""
     seed: int = 0
@@ -125,7 +127,16 @@ class LossConfig:
     """The per-token objective."""
 
     objective: Objective = "reverse_kl"
+    """reverse_kl (the paper's), forward_kl, jsd (``beta``), akl (forward and reverse KL
+    mixed per token, see :mod:`opcd.losses`) or sampled_token (the per-token advantage
+    log p_t(y_t) - log p_s(y_t) with a policy-gradient loss)."""
     top_k: int = 256
+    tail: bool = True
+    """Add the rest of the vocabulary as one more bucket beside the k slots, for both models,
+    so the objective is a true divergence (>= 0; moving the student's mass out of the slots
+    raises it). ``tail: false`` with ``renormalize: false`` is the reference code's formula,
+    which the student can minimise by breaking (see docs/objectives.md). Ignored with
+    ``renormalize``."""
     renormalize: bool = False
     """Renormalise both distributions over the k slots."""
     union: bool = False

@@ -24,8 +24,24 @@ subtracts the log-sum-exp over the valid slots from both sides::
 ``k`` larger than ``|V|`` is clamped to ``|V|``; with ``k = |V|`` every divergence below is
 the exact full-vocabulary one.
 
-Per-token objectives (sum over the valid slots ``v in S_t``)
-------------------------------------------------------------
+The rest bucket (default, ``tail=True``)
+-----------------------------------------
+A divergence summed over the slots alone is not a divergence: it can be negative, and it is
+minimised by moving the student's mass *out of* the slots (the loss falls while the model
+breaks). So by default every position gets one more bucket holding the rest of the
+vocabulary, for both models::
+
+    log p(rest) = log(1 - sum_{v in S_t} p(v))      (log1mexp of the slots' log-sum-exp)
+
+and the divergences below run over these ``|S_t| + 1`` buckets. They are then true
+divergences between two distributions: ``>= 0``, 0 only when the bucket distributions are
+equal, exact when ``k = |V|`` (the rest is empty), and moving student mass into the rest
+raises the loss unless the teacher's rest is at least as large. ``tail=False`` without
+``renormalize`` is the reference code's formula (microsoft/LMOps ``opcd/``), kept for
+comparison.
+
+Per-token objectives (sum over the valid slots ``v in S_t``, and the rest bucket)
+---------------------------------------------------------------------------------
 * reverse KL (OPCD's objective)::
 
       kl_t = sum_v p_s(v) * (log p_s(v) - log p_t(v))
@@ -36,6 +52,15 @@ Per-token objectives (sum over the valid slots ``v in S_t``)
 
       fkl_t = sum_v p_t(v) * (log p_t(v) - log p_s(v))
 
+* adaptive KL (``akl``, after Wu et al. 2024, "Rethinking KL divergence in knowledge
+  distillation for LLMs"): per token, the buckets are split into the teacher's *head* (its
+  most probable buckets up to cumulative mass ``mu = 0.5``) and the rest; with the gaps
+  ``g_head = sum_head |p_t - p_s|`` and ``g_tail = sum_tail |p_t - p_s|`` (detached)::
+
+      akl_t = g_head / (g_head + g_tail) * fkl_t + g_tail / (g_head + g_tail) * kl_t
+
+  Forward KL where the student misses the teacher's likely tokens (it moves them fast),
+  reverse KL where the mismatch lies in the teacher's unlikely tokens (mode-seeking there).
 * generalized Jensen-Shannon divergence ``JSD(beta)`` with the mixture
   ``m = beta * p_t + (1 - beta) * p_s`` (computed in log space with log-sum-exp)::
 
@@ -80,6 +105,7 @@ __all__ = [
     "OBJECTIVES",
     "SLOT_SOURCES",
     "TokenLoss",
+    "akl_slots",
     "chunked_distill_loss",
     "softmax_in_place",
     "distill_token_loss",
@@ -91,10 +117,16 @@ __all__ = [
     "reverse_kl_slots",
     "sampled_token_loss",
     "select_slots",
+    "slot_divergence",
+    "with_rest_bucket",
     "temperature_log_softmax",
 ]
 
-OBJECTIVES: tuple[str, ...] = ("reverse_kl", "forward_kl", "jsd")
+OBJECTIVES: tuple[str, ...] = ("reverse_kl", "forward_kl", "jsd", "akl")
+AKL_HEAD_MASS = 0.5
+"""The teacher's cumulative mass that makes the head of :func:`akl_slots`."""
+# Smallest rest mass kept finite (float32 cannot tell 1 - sum p from 0 below ~1e-7 anyway).
+_REST_FLOOR = 1e-30
 SLOT_SOURCES: tuple[str, ...] = ("student", "teacher", "union")
 MODES: tuple[str, ...] = ("token_mean", "seq_mean")
 
@@ -106,7 +138,8 @@ class TokenLoss:
     loss: Tensor
     """Per-token loss, differentiable with respect to the student's inputs."""
     kl: Tensor
-    """Detached reverse-KL estimate over the slots (same ``renormalize`` setting), for logging."""
+    """Detached reverse KL over the slots plus the rest bucket (over the renormalised slots
+    with ``renormalize``): a true divergence, >= 0, whatever the objective, for logging."""
     student_topk_mass: Tensor
     """Detached ``sum_{v in S_t} p_s(v)`` (full-vocabulary probabilities, not renormalised)."""
     teacher_topk_mass: Tensor
@@ -317,6 +350,70 @@ def forward_kl_slots(
     return _kl_terms(teacher_logp_slots, student_logp_slots, valid)
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012); values of
+    ``x`` at or above 0 (rounding) give ``log`` of :data:`_REST_FLOOR`, with zero gradient."""
+    x = x.clamp_max(math.log1p(-_REST_FLOOR))
+    near = x > -math.log(2.0)
+    # each branch sees only the inputs it is stable for: torch.where would otherwise pass
+    # the other branch's inf gradient on as NaN (0 * inf)
+    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -1.0), x)))
+    return torch.where(near, a, b)
+
+
+def with_rest_bucket(
+    student_logp_slots: Tensor, teacher_logp_slots: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Append the rest-of-vocabulary bucket to both sides' slots: ``[N, S] -> [N, S + 1]``.
+
+    ``log p(rest) = log(1 - sum_{valid v} p(v))`` per row, computed in log space; the
+    returned mask marks the new column valid. The inputs must be full-vocabulary log-probs
+    gathered at the slots (not renormalised). Differentiable through the student's slots.
+    """
+    valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
+
+    def rest(logp: Tensor) -> Tensor:
+        return _log1mexp(torch.logsumexp(logp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True))
+
+    ones = torch.ones_like(valid[..., :1])
+    return (torch.cat([student_logp_slots, rest(student_logp_slots)], dim=-1),
+            torch.cat([teacher_logp_slots, rest(teacher_logp_slots)], dim=-1),
+            torch.cat([valid, ones], dim=-1))
+
+
+def akl_slots(
+    student_logp_slots: Tensor,
+    teacher_logp_slots: Tensor,
+    mask: Tensor | None = None,
+    renormalize: bool = False,
+    *,
+    head_mass: float = AKL_HEAD_MASS,
+) -> Tensor:
+    """Adaptive KL over the slots: forward and reverse KL mixed per token by where the two
+    distributions differ (the teacher's head or its tail, see the module docstring); ``[N]``.
+
+    The mixing weights are detached; arguments as in :func:`reverse_kl_slots`.
+    """
+    student_logp_slots, teacher_logp_slots, valid = _prepare_slots(
+        student_logp_slots, teacher_logp_slots, mask, renormalize)
+    fkl = _kl_terms(teacher_logp_slots, student_logp_slots, valid)
+    rkl = _kl_terms(student_logp_slots, teacher_logp_slots, valid)
+    with torch.no_grad():
+        p_t = torch.where(valid, teacher_logp_slots.exp(), torch.zeros_like(teacher_logp_slots))
+        p_s = torch.where(valid, student_logp_slots.exp(), torch.zeros_like(student_logp_slots))
+        sorted_t, order = p_t.sort(dim=-1, descending=True)
+        # a bucket is in the head while the mass before it is below head_mass (so the head
+        # always holds the teacher's most probable bucket)
+        before = sorted_t.cumsum(dim=-1) - sorted_t
+        head = torch.zeros_like(valid).scatter(-1, order, before < head_mass) & valid
+        gap = (p_t - p_s).abs()
+        g_head = torch.where(head, gap, torch.zeros_like(gap)).sum(dim=-1)
+        g_tail = torch.where(head, torch.zeros_like(gap), gap).sum(dim=-1)
+        w_head = g_head / (g_head + g_tail).clamp_min(1e-12)
+    return w_head * fkl + (1.0 - w_head) * rkl
+
+
 def jsd_slots(
     student_logp_slots: Tensor,
     teacher_logp_slots: Tensor,
@@ -359,6 +456,7 @@ def distill_token_loss(
     renormalize: bool = False,
     slot_source: str = "student",
     beta: float = 0.5,
+    tail: bool = True,
 ) -> TokenLoss:
     """Per-token distillation loss at the response positions.
 
@@ -366,13 +464,15 @@ def distill_token_loss(
         student_logits: ``[N, V]`` raw student logits (no context) at the N response positions.
         teacher_logits: ``[N, V]`` raw teacher logits (with context) at the same positions;
             detached here, the teacher is a constant target.
-        objective: ``"reverse_kl"`` (OPCD), ``"forward_kl"`` or ``"jsd"``.
+        objective: ``"reverse_kl"`` (OPCD), ``"forward_kl"``, ``"jsd"`` or ``"akl"``.
         k: top-k slots per side (clamped to ``V``).
         temperature: ``T > 0``; both sides use ``log_softmax(logits / T)``.
         renormalize: renormalise both sides over the slots before the divergence.
         slot_source: ``"student"``, ``"teacher"`` or ``"union"`` (see :func:`select_slots`).
         beta: teacher weight of the JSD mixture, ``0 < beta < 1``; only read (and validated)
             when ``objective == "jsd"``.
+        tail: add the rest-of-vocabulary bucket to the slots (see the module docstring);
+            ignored with ``renormalize`` (the renormalised slots hold all the mass).
 
     Returns:
         :class:`TokenLoss` with ``[N]`` tensors.
@@ -392,7 +492,8 @@ def distill_token_loss(
     indices, valid = select_slots(student_logp, teacher_logp, k, slot_source)
     s_slots = student_logp.gather(-1, indices)
     t_slots = teacher_logp.gather(-1, indices)
-    loss = _slot_objective(s_slots, t_slots, valid, objective, renormalize, beta)
+    loss = slot_divergence(s_slots, t_slots, valid, objective=objective,
+                           renormalize=renormalize, beta=beta, tail=tail)
     with torch.no_grad():
         full = student_logp.detach()
         # -sum p log p with 0 log 0 = 0, in one [N, V] buffer: where p == 0 the product is
@@ -402,13 +503,22 @@ def distill_token_loss(
     return _token_loss_record(loss, s_slots, t_slots, valid, renormalize, entropy)
 
 
-def _slot_objective(s_slots: Tensor, t_slots: Tensor, valid: Tensor, objective: str,
-                    renormalize: bool, beta: float) -> Tensor:
-    """The per-token divergence ``[N]`` from the log-probabilities at the slots."""
+def slot_divergence(s_slots: Tensor, t_slots: Tensor, valid: Tensor | None = None, *,
+                    objective: str = "reverse_kl", renormalize: bool = False,
+                    beta: float = 0.5, tail: bool = True) -> Tensor:
+    """The per-token divergence ``[N]`` from both models' full-vocabulary log-probabilities
+    at the slots ``[N, S]``: the one sparse divergence every method uses (on-policy, off-policy
+    over stored teacher top-k, server teacher). ``tail`` adds the rest bucket (unless
+    ``renormalize``); ``objective`` is one of :data:`OBJECTIVES`."""
+    _check_choice("objective", objective, OBJECTIVES)
+    if tail and not renormalize:
+        s_slots, t_slots, valid = with_rest_bucket(s_slots, t_slots, valid)
     if objective == "reverse_kl":
         return reverse_kl_slots(s_slots, t_slots, valid, renormalize)
     if objective == "forward_kl":
         return forward_kl_slots(s_slots, t_slots, valid, renormalize)
+    if objective == "akl":
+        return akl_slots(s_slots, t_slots, valid, renormalize)
     return jsd_slots(s_slots, t_slots, valid, renormalize, beta=beta)
 
 
@@ -418,7 +528,7 @@ def _token_loss_record(loss: Tensor, s_slots: Tensor, t_slots: Tensor, valid: Te
     with torch.no_grad():
         s_det = s_slots.detach()
         zero = torch.zeros_like(s_det)
-        kl = reverse_kl_slots(s_det, t_slots, valid, renormalize)
+        kl = slot_divergence(s_det, t_slots, valid, renormalize=renormalize)
         student_mass = torch.where(valid, s_det.exp(), zero).sum(dim=-1)
         teacher_mass = torch.where(valid, t_slots.exp(), zero).sum(dim=-1)
     return TokenLoss(
@@ -612,6 +722,7 @@ class _SlotSpec:
     renormalize: bool
     slot_source: str
     beta: float
+    tail: bool = True
 
 
 def softmax_in_place(x: Tensor) -> Tensor:
@@ -657,7 +768,8 @@ def _in_place_chunk(
     torch.xlogy(z, z, out=zt)
     entropy = -zt.sum(dim=-1)
     with torch.enable_grad():
-        loss = _slot_objective(s_slots, t_slots, valid, spec.objective, spec.renormalize, spec.beta)
+        loss = slot_divergence(s_slots, t_slots, valid, objective=spec.objective,
+                               renormalize=spec.renormalize, beta=spec.beta, tail=spec.tail)
         lc = (loss * weights.to(loss.dtype)).sum()
         (g,) = torch.autograd.grad(lc, s_slots)
     z.mul_(-g.sum(dim=-1, keepdim=True)).scatter_add_(-1, idx, g)
@@ -768,6 +880,7 @@ def chunked_distill_loss(
     renormalize: bool = False,
     slot_source: str = "student",
     beta: float = 0.5,
+    tail: bool = True,
 ) -> tuple[Tensor, TokenLoss]:
     """Weighted sum of per-token losses, computed ``chunk_size`` tokens at a time.
 
@@ -804,7 +917,7 @@ def chunked_distill_loss(
         raise ValueError(f"token_weights must be [N] = {student_hidden.shape[0]}, got {tuple(token_weights.shape)}")
     fn = token_loss or _default_token_loss(
         objective=objective, k=k, temperature=temperature, renormalize=renormalize,
-        slot_source=slot_source, beta=beta,
+        slot_source=slot_source, beta=beta, tail=tail,
     )
     teacher_hidden = teacher_hidden.detach()
     parts: list[TokenLoss] = []
@@ -816,7 +929,7 @@ def chunked_distill_loss(
         if (token_loss is None and len(dtypes) == 1
                 and dtypes <= {torch.float32, torch.float64}):
             _check_objective_settings(objective, slot_source, k, temperature, beta)
-            fn = _SlotSpec(objective, k, temperature, renormalize, slot_source, beta)  # type: ignore[assignment]
+            fn = _SlotSpec(objective, k, temperature, renormalize, slot_source, beta, tail)  # type: ignore[assignment]
         loss = _FusedHeadLoss.apply(
             student_hidden, student_head, student_bias, teacher_hidden, teacher_head, teacher_bias,
             token_weights.detach(), sampled, fn, chunk_size, parts,

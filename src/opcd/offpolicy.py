@@ -5,7 +5,7 @@ The teacher (the frozen initial student, or ``teacher.mode=model``) reads the co
 those fixed trajectories *without* c, by
 
 - ``offpolicy.loss: fkl``: forward KL over the teacher's top-k (``loss.top_k``) at every
-  position, ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` (:func:`opcd.losses.forward_kl_slots`
+  position, ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` (:func:`opcd.losses.slot_divergence`
   on the slots :func:`opcd.losses.select_slots` gives for ``source="teacher"``), at the
   rollout temperature, renormalised over the slots when ``loss.renormalize``;
 - ``offpolicy.loss: sft``: the token negative log-likelihood of the teacher's tokens
@@ -60,6 +60,7 @@ def offpolicy_token_loss(
     objective: str = "fkl",
     temperature: float = 1.0,
     renormalize: bool = False,
+    tail: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss ``[N]`` and detached diagnostics.
 
@@ -68,13 +69,15 @@ def offpolicy_token_loss(
         teacher_ids, teacher_logp: ``[N, k]`` the teacher's top-k token ids and their
             log-probs (temperature-scaled, full-vocabulary normalised), as stored.
         tokens: ``[N]`` the teacher's sampled tokens.
-        objective: ``fkl`` (forward KL over the k slots) or ``sft`` (``-log p_s(token)``).
+        objective: ``fkl`` (forward KL over the k slots and, with ``tail``, the rest of the
+            vocabulary as one bucket) or ``sft`` (``-log p_s(token)``).
     """
     if objective not in ("fkl", "sft"):
         raise ValueError(f"objective must be 'fkl' or 'sft', got {objective!r}")
     s_logp = losses.temperature_log_softmax(student_logits, temperature)
     s_slots = s_logp.gather(-1, teacher_ids)
-    fkl = losses.forward_kl_slots(s_slots, teacher_logp, renormalize=renormalize)
+    fkl = losses.slot_divergence(s_slots, teacher_logp, objective="forward_kl",
+                                 renormalize=renormalize, tail=tail)
     plain = torch.log_softmax(student_logits.float(), dim=-1)
     nll = -plain.gather(-1, tokens[:, None])[:, 0]
     loss = fkl if objective == "fkl" else nll
@@ -257,6 +260,7 @@ class OffPolicyTrainer(Trainer):
             loss, stats = offpolicy_token_loss(
                 head(h).float(), ti, tl, tok, objective=cfg.offpolicy.loss,
                 temperature=cfg.rollout.temperature, renormalize=cfg.loss.renormalize,
+                tail=cfg.loss.tail,
             )
             stats_parts.append(stats)  # (backward's recomputation appends after we read)
             return (loss * w).sum()

@@ -142,7 +142,7 @@ class ServerTeacher:
 
 
 def server_token_loss(student_logits: Tensor, scores: SparseScores, sampled: Tensor, *,
-                      objective: str, renormalize: bool) -> Any:
+                      objective: str, renormalize: bool, tail: bool = True) -> Any:
     """Per-token :class:`opcd.losses.TokenLoss` of the student's ``[N, V]`` logits against the
     server teacher's sparse scores of the same N tokens (temperature 1)."""
     from opcd import losses
@@ -154,9 +154,10 @@ def server_token_loss(student_logits: Tensor, scores: SparseScores, sampled: Ten
         entropy = -(s_logp.exp() * s_logp).sum(-1)
     t_ids, t_logp = scores.top_ids.to(s_logp.device), scores.top_logp.to(s_logp.device)
     s_slots = s_logp.gather(-1, t_ids)
-    loss = losses.forward_kl_slots(s_slots, t_logp, renormalize=renormalize)
+    loss = losses.slot_divergence(s_slots, t_logp, objective="forward_kl",
+                                  renormalize=renormalize, tail=tail)
     with torch.no_grad():
-        kl = losses.reverse_kl_slots(s_slots, t_logp, renormalize=renormalize)
+        kl = losses.slot_divergence(s_slots, t_logp, renormalize=renormalize)
     return losses.TokenLoss(loss=loss, kl=kl, student_topk_mass=s_slots.detach().exp().sum(-1),
                             teacher_topk_mass=t_logp.exp().sum(-1), student_entropy=entropy)
 

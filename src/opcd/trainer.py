@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from opcd import checkpoint as ckpt
 from opcd import losses
 from opcd.chat import PromptPair, build_prompt_pair
+from opcd.compat import enable_activation_checkpointing
 from opcd.config import Config, config_from_dict, dump_config, flatten, load_config
 from opcd.distributed import Dist
 from opcd.errors import (
@@ -268,7 +269,7 @@ def setup_student(cfg: Config, model: nn.Module) -> nn.Module:
         if head is not None:
             head.weight.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -567,7 +568,8 @@ class Trainer:
                 student_logits = response_logits(self.student, sb)
                 s_flat, t_flat = student_logits[mask], None
                 tl = server_token_loss(s_flat, cat_scores(t_sparse[sl]), sb.response_ids[mask],
-                                       objective=cfg.loss.objective, renormalize=cfg.loss.renormalize)
+                                       objective=cfg.loss.objective, renormalize=cfg.loss.renormalize,
+                                       tail=cfg.loss.tail)
                 loss = self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight
                 loss.backward()
                 per_token = None
@@ -696,7 +698,7 @@ class Trainer:
         lc = self.cfg.loss
         return {"objective": lc.objective, "k": lc.top_k, "temperature": self.cfg.rollout.temperature,
                 "renormalize": lc.renormalize, "slot_source": "union" if lc.union else "student",
-                "beta": lc.beta}
+                "beta": lc.beta, "tail": lc.tail}
 
     def _token_loss(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled: torch.Tensor
