@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
+from opcd.compat import cache_kwarg
 from opcd.packing import packed_linears, should_pack
 from opcd.scoring import prefix_cache_supported, sdpa_gqa
 from opcd.tasks.base import derive_seed
@@ -174,7 +175,7 @@ def decode(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with sdpa_gqa(decoder):
         out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{cache_kwarg(decoder): cache})
     hidden = out.last_hidden_state[:, -1]
     next_pos = positions[:, -1] + 1
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -191,6 +192,7 @@ def _decode_steps(
     temperature: float, top_p: float, ignore_eos: bool,
     gens: list[torch.Generator] | None = None,
 ) -> None:
+    cache_key = cache_kwarg(decoder)
     for step in range(max_new_tokens):
         logits = head(hidden)
         if ignore_eos and stop_t.numel():
@@ -211,7 +213,7 @@ def _decode_steps(
                 rows, tokens, mask, next_pos = rows[keep], tokens[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{cache_key: cache})
         hidden = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
 

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from opcd.compat import cache_kwarg, output_cache
+
 
 @dataclass
 class PackedBatch:
@@ -344,8 +346,9 @@ def _run_prefix(decoder: nn.Module, tokens: list[int], start: int, past: KV | No
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     pos = torch.arange(start, start + len(tokens), device=device).unsqueeze(0)
     with sdpa_gqa(decoder):
-        out = decoder(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
-    return _kv_of(out.past_key_values)
+        out = decoder(input_ids=ids, position_ids=pos, use_cache=True,
+                      **{cache_kwarg(decoder): cache})
+    return _kv_of(output_cache(out))
 
 
 def prefix_kv(
@@ -403,7 +406,7 @@ def _suffix_hidden(
     pos = (shared + torch.arange(Q)).unsqueeze(0).expand(B, -1)
     kwargs: dict[str, Any] = {}
     if prefix is not None:
-        kwargs["past_key_values"] = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in prefix])
+        kwargs[cache_kwarg(decoder)] = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in prefix])
     with sdpa_gqa(decoder):
         out = decoder(
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
