@@ -4,7 +4,12 @@ Built-in tasks:
 - ``french``: distil "Always answer in French" (the demo); 320 everyday English prompts,
   scored by language identification.
 - ``system_prompt``: your own system prompt (``task.context``), prompts
-  (``task.prompts``, JSONL) and scorer (``task.behaviour``).
+  (``task.prompts``, JSONL) and scorer (``task.behaviour``: a spec of
+  :mod:`opcd.tasks.behaviours` such as ``max_words:50``, or a list of specs that must all
+  hold).
+- ``suite``: one entry of the built-in behaviour suite, named by ``task.behaviour``
+  (``lowercase_replies``, ``json_api``, ...): its system prompt, the ``french`` task's
+  everyday prompts, scored by its spec (see :mod:`opcd.tasks.behaviours`).
 - ``math``: reasoning-gym problems (``task.families``), answers in ``\\boxed{}``; test =
   held-out generator seeds. ``gsm8k``: the same train / eval, the GSM8K test set as test.
 - ``frozenlake``, ``sokoban``: multi-turn text games (see :mod:`opcd.tasks.games`).
@@ -22,9 +27,10 @@ import difflib
 from opcd.config import TaskConfig
 from opcd.errors import ConfigError
 from opcd.tasks.base import SPLITS, Example, Task
+from opcd.tasks.behaviours import suite_entry
 from opcd.tasks.system_prompt import DATA_DIR, FRENCH_SYSTEM_PROMPT, SystemPromptTask, load_prompts
 
-TASKS = ("french", "system_prompt", "math", "gsm8k", "frozenlake", "sokoban", "safety")
+TASKS = ("french", "system_prompt", "suite", "math", "gsm8k", "frozenlake", "sokoban", "safety")
 
 _DEFAULT_TEMPLATE = next(
     f.default for f in dataclasses.fields(TaskConfig) if f.name == "user_template"
@@ -53,7 +59,7 @@ def _check_unused(cfg: TaskConfig, *, families: bool = False) -> None:
             f"task.name={cfg.name} does not use "
             + ", ".join(f"task.{k}" for k in unused)
             + "; remove it (task.families is for math and gsm8k; task.prompts and "
-            "task.behaviour are for system_prompt)."
+            "task.behaviour are for system_prompt, french and suite)."
         )
 
 
@@ -70,7 +76,7 @@ def build_task(cfg: TaskConfig) -> Task:
         if cfg.context is not None:
             raise ConfigError("Set task.context or task.context_file, not both.")
         cfg = dataclasses.replace(cfg, context=read_context_file(cfg.context_file), context_file=None)
-    if cfg.name in ("french", "system_prompt"):
+    if cfg.name in ("french", "system_prompt", "suite"):
         extra = [k for k in ("families", "train_size", "eval_size", "test_size")
                  if getattr(cfg, k) is not None]
         if extra:
@@ -106,6 +112,19 @@ def build_task(cfg: TaskConfig) -> Task:
             seed=cfg.seed,
             placement=cfg.placement or "system",
             user_template=cfg.user_template,
+        )
+    if cfg.name == "suite":
+        entry = suite_entry(cfg.behaviour)
+        return SystemPromptTask(
+            "suite",
+            cfg.context or entry.system_prompt,
+            load_prompts(cfg.prompts or DATA_DIR / "general_questions.jsonl"),
+            entry.behaviour,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
+            placement=cfg.placement or "system",
+            user_template=cfg.user_template,
+            label=entry.name,
         )
     if cfg.name in ("math", "gsm8k"):
         from opcd.tasks.math_problems import DEFAULT_FAMILIES, MathTask

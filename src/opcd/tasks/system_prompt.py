@@ -3,19 +3,22 @@
 The teacher sees the system prompt in the system message; the student sees the same
 conversation without it. The prompts come from a JSONL file (one object per line with a
 ``prompt`` field, optional ``id`` and ``context``), split into train / eval by seed. The
-behaviour scorer is named by a string: ``language:fr`` scores 1 when the response is in
-French (language identification with langid).
+behaviour scorer is named by a spec (``language:fr`` scores 1 when the response is in
+French) or a list of specs that must all hold; the specs are those of
+:mod:`opcd.tasks.behaviours`, whose suite of realistic system prompts the ``suite`` task
+draws from.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 from opcd.errors import ConfigError, DataError
 from opcd.tasks.base import Example, Placement, Task
+from opcd.tasks.behaviours import BehaviourRules, build_rules, describe_rules
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -134,19 +137,11 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
     }
 
 
-def behaviour_scorer(spec: str) -> Callable[[str], float]:
-    """Build a response scorer from a spec string such as ``language:fr``."""
-    kind, _, arg = spec.partition(":")
-    if kind == "language" and arg:
-        from opcd.tasks.language import is_language
-
-        return lambda text: float(is_language(text, arg))
-    if kind == "contains" and arg:
-        return lambda text: float(arg.lower() in text.lower())
-    raise ConfigError(
-        f"Unknown behaviour scorer {spec!r}. Use language:<iso code> (e.g. language:fr) or "
-        "contains:<text>."
-    )
+def behaviour_scorer(spec: str | Sequence[str]) -> BehaviourRules:
+    """The response scorer ``task.behaviour`` names: a spec such as ``language:fr``, or a list
+    of specs (1 when all hold). ConfigError on an unknown name or a bad argument, listing the
+    valid forms (see :mod:`opcd.tasks.behaviours`)."""
+    return build_rules(spec)
 
 
 class SystemPromptTask(Task):
@@ -157,12 +152,13 @@ class SystemPromptTask(Task):
         name: str,
         system_prompt: str,
         examples: list[Example],
-        behaviour: str,
+        behaviour: str | Sequence[str],
         *,
         eval_fraction: float = 0.25,
         seed: int = 0,
         placement: Placement = "system",
         user_template: str = "{context}\n\n{prompt}",
+        label: str | None = None,
     ) -> None:
         if not system_prompt or not system_prompt.strip():
             raise ConfigError("The task's context (system prompt) is empty; set task.context.")
@@ -171,7 +167,8 @@ class SystemPromptTask(Task):
         self.placement = placement
         self.user_template = user_template
         self.behaviour = behaviour
-        self._score = behaviour_scorer(behaviour)
+        self.label = label
+        self._rules = behaviour_scorer(behaviour)
         self._splits = split_examples(examples, eval_fraction, seed)
 
     def examples(self, split: str) -> list[Example]:
@@ -182,7 +179,18 @@ class SystemPromptTask(Task):
         return example.context if example.context is not None else self.system_prompt
 
     def score(self, example: Example, response: str) -> float:
-        return self._score(response)
+        return self._rules(response)
+
+    def score_details(self, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, float]:
+        """``score`` and ``n``; with several rules also each rule's rate (keyed by its spec)
+        and ``all_rules``, the share meeting them all (which is the score)."""
+        if len(self._rules.specs) == 1:
+            return super().score_details(examples, responses)
+        if len(examples) != len(responses):
+            raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
+        rates = self._rules.rates(responses)
+        return {"score": rates["all_rules"], "n": float(len(responses)), **rates}
 
     def describe(self) -> str:
-        return f"{self.name} (behaviour {self.behaviour})"
+        name = f"{self.name}/{self.label}" if self.label else self.name
+        return f"{name} (behaviour {describe_rules(self.behaviour)})"
