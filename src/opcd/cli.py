@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from opcd.errors import OpcdError, TrainingInterrupted
+from opcd.errors import CollapseError, OpcdError, TrainingInterrupted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -224,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from opcd.compat import quiet_library_warnings
+
+    quiet_library_warnings()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except TrainingInterrupted as e:  # a checkpoint was saved: not an error, but not done
+    except (TrainingInterrupted, CollapseError) as e:  # saved first: say so, own exit code
         print(f"opcd: {e}", file=sys.stderr)
         return e.exit_code
     except OpcdError as e:

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + dotted ``key=value`` overrides, validated.
 
 A run is described by one :class:`Config` (sections ``task``, ``teacher``, ``rollout``,
-``loss``, ``train``, ``lora``, ``eval``, ``run``, ``perf``, and ``ovd`` for ``method: ovd``).
+``loss``, ``train``, ``lora``, ``eval``, ``run``, ``guard``, ``perf``, and ``ovd`` for ``method: ovd``).
 ``load_config(path, overrides)`` reads a YAML file, applies command-line overrides such as
 ``train.lr=1e-5`` or ``teacher.mode=frozen`` (values are parsed as YAML scalars), and checks
 every key and value. Unknown keys list the valid ones and suggest the closest; wrong types
@@ -208,6 +208,27 @@ class RunConfig:
     plot: bool = True
 
 
+GuardAction = Literal["stop", "warn", "off"]
+
+
+@dataclass
+class GuardConfig:
+    """The collapse guard (:mod:`opcd.guard`): figures checked against their start values."""
+
+    action: GuardAction = "stop"
+    """stop: end the run and keep the last state that passed every check as ``final/``;
+    warn: say so and go on; off: no checks (and no copies of the weights)."""
+    max_entropy_rise: float = 2.0
+    """Nats the student's entropy (at its sampled tokens) may rise above the first step's."""
+    min_topk_mass_ratio: float = 0.7
+    """The student's top-k mass may not fall below this share of the first step's."""
+    max_quality_drop: float = 1.0
+    """Nats per token the answers' quality (the frozen base model's log-prob of them, given
+    the context) may fall below the first evaluation's."""
+    patience: int = 2
+    """Steps in a row a per-step bound must be crossed before the guard acts."""
+
+
 @dataclass
 class PerfConfig:
     """Speed and memory switches; both off is the naive computation (for comparisons)."""
@@ -326,6 +347,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     ovd: OvdConfig = field(default_factory=OvdConfig)
     offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
@@ -342,6 +364,7 @@ _POSITIVE = {
     "train.micro_batch_size", "train.lr", "train.max_grad_norm", "lora.r", "lora.alpha",
     "eval.size", "eval.max_new_tokens", "run.keep_last", "train.max_consecutive_skips",
     "perf.loss_chunk_tokens", "perf.teacher_batch_size", "perf.prefix_block_tokens",
+    "guard.max_entropy_rise", "guard.max_quality_drop", "guard.patience",
     "ovd.score_max_new_tokens", "ovd.clip_eps",
     "extract.problems", "extract.runs", "extract.budget_tokens", "extract.val_size",
     "extract.max_new_tokens",
@@ -495,6 +518,9 @@ def _check_ranges(cfg: Config) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"Config value {key}={flat[key]!r} must be 0 or more.")
+    if not 0 < cfg.guard.min_topk_mass_ratio <= 1:
+        raise ConfigError(f"Config value guard.min_topk_mass_ratio={cfg.guard.min_topk_mass_ratio} "
+                          "must be in (0, 1]: the share of the first step's top-k mass kept.")
     if cfg.rollout.top_p > 1:
         raise ConfigError(f"Config value rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
     if cfg.loss.objective == "jsd" and not 0 < cfg.loss.beta < 1:

@@ -48,3 +48,14 @@ class TrainingInterrupted(OpcdError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class CollapseError(OpcdError):
+    """Training stopped: the collapse guard saw the student breaking. The last good state was
+    saved as the final model first; ``exit_code`` is 3, ``result`` the run's TrainResult."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

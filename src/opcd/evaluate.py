@@ -7,6 +7,13 @@ and evaluating in the middle of training never touches the training run's random
 The result is the mean score with its standard error and every response, so runs can be
 compared and read.
 
+With a ``judge`` (training passes the frozen base model with the context) every answer
+also gets a *quality* figure: the judge's mean log-probability per token of the answer
+given the context and the prompt. It tells natural answers from garbage that a behaviour
+scorer might pass (broken text in the right language, say): the same figure for the base
+model's answers without the context and for its answers with the context (the ceiling)
+sits beside the student's.
+
 With ``records_path`` an evaluation is resumable: each finished batch's records are
 appended to that JSONL file (flushed and fsynced); run again with the same settings, the
 items already there are read back and only the missing batches are generated, giving the
@@ -19,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,10 +59,17 @@ class EvalResult:
     details: dict[str, float] = field(default_factory=dict)
     """The task's own figures beyond the score (:func:`score_details`): refusal and
     over-refusal rates, parse failures, invalid moves, ..."""
+    quality: float | None = None
+    """Mean over the answers of the judge's mean log-prob per token given the context (None
+    without a judge); see the module docstring."""
+    quality_stderr: float | None = None
 
     def summary(self) -> str:
         where = "with context" if self.with_context else "without context"
-        return f"{self.task}/{self.split} {where}: {self.score:.3f} ± {self.stderr:.3f} (n={self.n})"
+        text = f"{self.task}/{self.split} {where}: {self.score:.3f} ± {self.stderr:.3f} (n={self.n})"
+        if self.quality is not None:
+            text += f", quality {self.quality:.3f} ± {self.quality_stderr or 0.0:.3f} nats/token"
+        return text
 
     def details_line(self) -> str:
         """The task's extra figures on one line ('' when it has none)."""
@@ -75,6 +90,19 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+Judge = Callable[[list[list[int]], list[list[int]]], list["float | None"]]
+"""``(prompts with the context, response token ids) -> mean log-prob per token`` of each
+response (None for an empty one)."""
+
+
+def quality_of(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the records' quality figures (None when there are none)."""
+    values = [float(r["quality"]) for r in records if r.get("quality") is not None]
+    if not values:
+        return None, None
+    return mean_stderr(values)
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -185,8 +213,11 @@ def evaluate(
     records_path: str | Path | None = None,
     records_meta: dict[str, Any] | None = None,
     shard: tuple[int, int] = (0, 1),
+    judge: Judge | None = None,
 ) -> EvalResult:
     """Sample one response per example of ``split`` (the first ``size``) and score it.
+
+    ``judge``: also rate each answer's quality (single-turn tasks; see the module docstring).
 
     ``records_path``: a JSONL file that makes the evaluation resumable (see the module
     docstring); ``records_meta`` adds identifying settings (such as the model) to its header.
@@ -208,6 +239,7 @@ def evaluate(
             "size": len(examples), "max_new_tokens": max_new_tokens,
             "temperature": temperature, "seed": seed, "sampling": "per-item",
             **(records_meta or {}),
+            **({"quality": True} if judge is not None else {}),
         }
         store = RecordsFile(records_path, settings)
         done = store.load()
@@ -238,21 +270,27 @@ def evaluate(
                 temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, seeds=seeds,
             )
+            quality: list[float | None] = [None] * len(out.texts)
+            if judge is not None:
+                with_ctx = [encode_chat(tokenizer, teacher_messages(task, batch[i]))
+                            for i in out.prompt_index]
+                quality = judge(with_ctx, out.response_ids)
             new = []
-            for i, text in zip(out.prompt_index, out.texts, strict=True):
+            for i, text, q in zip(out.prompt_index, out.texts, quality, strict=True):
                 ex = batch[i]
                 s = float(task.score(ex, text))
                 new.append({"id": ex.id, "prompt": ex.prompt, "response": text, "score": s,
-                            "batch": b})
+                            "batch": b, **({"quality": q} if judge is not None else {})})
             if store is not None:
                 store.append([r for r in new if r["id"] not in done])
             results.update({r["id"]: r for r in new})
-    keep = ("id", "prompt", "response", "score", "moves", "invalid_moves")
+    keep = ("id", "prompt", "response", "score", "quality", "moves", "invalid_moves")
     records = [{k: results[ex.id][k] for k in keep if k in results[ex.id]} for ex in examples]
     scores = [float(r["score"]) for r in records]
     mean, se = mean_stderr(scores)
+    q, q_se = quality_of(records)
     return EvalResult(task.name, split, with_context, mean, se, len(scores), records, resumed,
-                      score_details(task, examples, records))
+                      score_details(task, examples, records), q, q_se)
 
 
 def score_details(task: Task, examples: list[Any], records: list[dict[str, Any]]) -> dict[str, float]:
@@ -300,5 +338,6 @@ def merge_results(parts: list[EvalResult]) -> EvalResult:
     n = sum(len(p.records) for p in parts)
     records = [parts[i % world].records[i // world] for i in range(n)]
     mean, se = mean_stderr([float(r["score"]) for r in records])
+    q, q_se = quality_of(records)
     return EvalResult(first.task, first.split, first.with_context, mean, se, n, records,
-                      sum(p.resumed for p in parts))
+                      sum(p.resumed for p in parts), quality=q, quality_stderr=q_se)

@@ -47,12 +47,14 @@ from opcd.config import Config, config_from_dict, dump_config, flatten, load_con
 from opcd.distributed import Dist
 from opcd.errors import (
     CheckpointError,
+    CollapseError,
     ConfigError,
     NumericalError,
     RunFolderError,
     TrainingInterrupted,
 )
-from opcd.evaluate import EvalResult, evaluate, merge_results
+from opcd.evaluate import EvalResult, Judge, evaluate, merge_results
+from opcd.guard import Alarm, CollapseGuard
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
 from opcd.rollout_backends import (
     RolloutBackend,
@@ -82,7 +84,8 @@ from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {
     "train.steps", "train.max_consecutive_skips", "run.save_every", "run.keep_last", "eval.every",
-    "run.plot",
+    "run.plot", "guard.action", "guard.max_entropy_rise", "guard.min_topk_mass_ratio",
+    "guard.max_quality_drop", "guard.patience",
 }
 
 
@@ -721,9 +724,46 @@ class Trainer:
                 self.student, self.tokenizer, self.task, split="eval", with_context=with_context,
                 size=e.size, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                 seed=e.seed, batch_size=self.cfg.rollout.batch_size,
-                shard=(self.dist.rank, self.dist.world),
+                shard=(self.dist.rank, self.dist.world), judge=self.quality_judge(),
             )
         return merge_results(self.dist.gather(part)) if self.dist.enabled else part
+
+    def quality_judge(self) -> Judge | None:
+        """The answers' quality figure (:mod:`opcd.evaluate`): the frozen base model's (or the
+        teacher model's) mean log-prob per token of each answer, given the context.
+
+        None where no frozen judge is at hand without a second copy of the student (a live
+        teacher under full fine-tuning, a server teacher, a verbal teacher) and for games.
+        """
+        if is_multiturn(self.task) or not isinstance(self.teacher, Teacher):
+            return None
+        judge = self.teacher
+        if judge.mode == "live":
+            if not self.cfg.lora.enabled:
+                return None
+            judge = Teacher("frozen", self.student)  # the base: the adapter switched off
+        perf = self.cfg.perf
+
+        @torch.no_grad()
+        def rate(prompts: list[list[int]], responses: list[list[int]]) -> list[float | None]:
+            out: list[float | None] = [None] * len(responses)
+            keep = [i for i, r in enumerate(responses) if r]
+            if not keep:
+                return out
+            hidden = judge.response_hidden(
+                [prompts[i] for i in keep], [responses[i] for i in keep], self.pad_id,
+                prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
+                block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens)
+            head, bias = judge.head()
+            for i, h in zip(keep, hidden, strict=True):
+                h = h.to(self.device)
+                z = head(h) if not isinstance(head, torch.Tensor) else nn.functional.linear(h, head, bias)
+                logp = torch.log_softmax(z.float(), dim=-1)
+                ids = torch.tensor(responses[i], device=logp.device)[:, None]
+                out[i] = float(logp.gather(-1, ids).mean())
+            return out
+
+        return rate
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: Path, rng: dict[str, Any]) -> Path:
@@ -987,21 +1027,28 @@ def _run(
         trainer._say(f"resumed {run_dir} at step {start}" if start
                      else f"no checkpoint in {run_dir} yet: starting again from step 0")
 
-    def run_eval(step: int) -> None:
+    guard = CollapseGuard(cfg.guard, [p for p in trainer.student.parameters() if p.requires_grad],
+                          log.read() if start else None)
+    guard.mark_good(start)
+
+    def eval_record(step: int, res: EvalResult, with_context: bool) -> dict[str, Any]:
+        return {"type": "eval", "step": step, "score": res.score, "stderr": res.stderr,
+                "n": res.n, "with_context": with_context, "quality": res.quality,
+                "quality_stderr": res.quality_stderr, **res.details}
+
+    def run_eval(step: int) -> Alarm | None:
         res = trainer.evaluate()
-        rec = {"type": "eval", "step": step, "score": res.score, "stderr": res.stderr, "n": res.n,
-               "with_context": False}
-        log.write(rec)
+        log.write(eval_record(step, res, False))
         trainer._say(f"eval @ step {step}: {res.summary()}")
         if on_eval:
             on_eval(step, res)
+        return guard.after_eval(step, res.quality)
 
     stopping = dist.any(stop.signum is not None)  # the same decision on every process
     if start == 0 and not stopping:  # (a signal while loading: stop before evaluating)
         if cfg.eval.with_context:
             res = trainer.evaluate(with_context=True)
-            log.write({"type": "eval", "step": 0, "score": res.score, "stderr": res.stderr,
-                       "n": res.n, "with_context": True})
+            log.write(eval_record(0, res, True))
             trainer._say(f"in-context reference: {res.summary()}")
         run_eval(0)
 
@@ -1012,12 +1059,14 @@ def _run(
     limit = cfg.train.max_consecutive_skips
     bad: list[dict[str, Any]] = []  # the current run of skipped steps
     saved: Path | None = None
+    alarm: Alarm | None = None
     try:
         while trainer.step < steps and not stopping:
             m = trainer.train_step()
             log.write(m)
             bar.update(1)
             bar.set_postfix(**trainer.postfix(m))
+            alarm = guard.after_step(m)
             if m["skipped"]:
                 trainer.consecutive_skips += 1
                 bad.append(m)
@@ -1032,14 +1081,19 @@ def _run(
                 trainer._say(trainer.format_step(m))
             done = trainer.step >= steps
             stopping = dist.any(stop.signum is not None)
-            if done or (cfg.eval.every and trainer.step % cfg.eval.every == 0):
-                run_eval(trainer.step)
+            if alarm is None and (done or (cfg.eval.every and trainer.step % cfg.eval.every == 0)):
+                alarm = run_eval(trainer.step)
+            if alarm is not None:
+                if _collapse_alarm(cfg, log, alarm):
+                    break
+                alarm = None  # guard.action=warn: said, go on
             if done or (save_every and trainer.step % save_every == 0) or stopping:
                 saved = trainer.save(run_dir, ckpt.rng_state())
     finally:
         bar.close()
-    if stopping and trainer.step < steps:
+    if stopping and trainer.step < steps and alarm is None:
         raise _interrupted(stop.signum or signal.SIGTERM, run_dir, trainer.step, saved)
+    restored = guard.restore() if alarm is not None else None
     final = trainer.save_final(run_dir)
     dist.barrier()  # the final model and metrics are complete before any process returns
     history = log.read()
@@ -1047,10 +1101,41 @@ def _run(
         from opcd.plot import plot_run
 
         plot_run(history, run_dir / "plot.png", title=f"{cfg.method.upper()} run")
-    return TrainResult(
+    result = TrainResult(
         run_dir=run_dir, steps=trainer.step, final_model=final,
         history=[r for r in history if r["type"] == "train"],
         evals=[r for r in history if r["type"] == "eval"],
+    )
+    if alarm is not None:
+        raise CollapseError(_collapse_message(cfg, alarm, restored, final), result)
+    return result
+
+
+def _collapse_alarm(cfg: Config, log: MetricsLog, alarm: Alarm) -> bool:
+    """Record and announce a guard alarm; whether the run stops (``guard.action``)."""
+    stops = cfg.guard.action == "stop"
+    log.write({"type": "guard", "step": alarm.step, "reasons": alarm.reasons,
+               "action": cfg.guard.action})
+    if not stops:
+        _warn(f"opcd: warning: collapse guard at step {alarm.step}: {alarm.text()}. The model "
+              "may be breaking (guard.action=warn: training goes on).")
+    return stops
+
+
+def _collapse_message(cfg: Config, alarm: Alarm, restored: int | None, final: Path) -> str:
+    lc = cfg.loss
+    fixes = [f"a lower train.lr (now {cfg.train.lr:g})"]
+    if not lc.tail and not lc.renormalize and lc.objective != "sampled_token":
+        fixes.insert(0, "loss.tail=true (the divergence without the rest bucket rewards "
+                        "moving mass out of the top-k slots)")
+    if lc.objective == "reverse_kl":
+        fixes.append("loss.objective=forward_kl or akl")
+    return (
+        f"Collapse guard: the student was breaking at step {alarm.step}: {alarm.text()}. "
+        f"Training stopped and the last state that passed every check (after {restored} "
+        f"steps) was saved as {str(final)!r}; the checkpoints after it hold the broken "
+        f"weights. To change: {', '.join(fixes)}; or loosen the guard (guard.* bounds, "
+        "guard.action=warn) if the change is wanted."
     )
 
 
