@@ -90,6 +90,11 @@ _LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 
 
 def quiet_library_warnings() -> None:
-    """Ignore the library-internal deprecation warnings listed above (exact messages)."""
+    """Ignore the library-internal deprecation warnings listed above (exact messages), and
+    transformers' per-load progress bars ("Loading weights", "Writing model shards"): opcd
+    shows its own progress, and a bar per model load is noise in the terminal and in logs."""
     for message, category in _LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
