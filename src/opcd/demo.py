@@ -35,17 +35,19 @@ def demo(
     steps: int | None = None,
     model: str | None = None,
     progress: bool = True,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo and return its summary (also written to ``summary.json``)."""
+    """Run the demo and return its summary (also written to ``summary.json``); ``overrides``
+    change the demo config (``key=value``, as for ``opcd train``)."""
     from opcd.models import pull
     from opcd.trainer import train
 
-    overrides = [f"run.dir={_free_run_dir(run_dir or 'runs/demo')}"]
+    extra, overrides = overrides, [f"run.dir={_free_run_dir(run_dir or 'runs/demo')}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     if model is not None:
         overrides.append(f"model={model}")
-    cfg = load_config(DEMO_CONFIG, overrides)
+    cfg = load_config(DEMO_CONFIG, [*overrides, *(extra or [])])
     t0 = time.perf_counter()
     from opcd.models.registry import REGISTRY
 

@@ -37,6 +37,10 @@ class CheckpointError(OpcdError):
     """A checkpoint is damaged (bad hash, truncated file) or does not match the run."""
 
 
+class NothingToDistil(OpcdError):
+    """The context does not raise the task's score above the model's own: no training."""
+
+
 class NumericalError(OpcdError):
     """Training stopped: too many consecutive steps had a non-finite loss or gradient norm."""
 

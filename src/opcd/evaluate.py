@@ -8,11 +8,13 @@ The result is the mean score with its standard error and every response, so runs
 compared and read.
 
 With a ``judge`` (training passes the frozen base model with the context) every answer
-also gets a *quality* figure: the judge's mean log-probability per token of the answer
-given the context and the prompt. It tells natural answers from garbage that a behaviour
-scorer might pass (broken text in the right language, say): the same figure for the base
-model's answers without the context and for its answers with the context (the ceiling)
-sits beside the student's.
+also gets a *quality* figure: how natural the judge finds it, given the context and the
+prompt, in nats per token: its log-prob of each token minus the expected log-prob at that
+position (see :meth:`opcd.trainer.Trainer.quality_judge`), 0 for answers the judge would
+write itself. It tells natural answers from garbage that a behaviour scorer might pass
+(broken text in the right language, say): the same figure for the base model's answers
+without the context and for its answers with the context (the ceiling, about 0) sits
+beside the student's.
 
 With ``records_path`` an evaluation is resumable: each finished batch's records are
 appended to that JSONL file (flushed and fsynced); run again with the same settings, the
@@ -60,8 +62,8 @@ class EvalResult:
     """The task's own figures beyond the score (:func:`score_details`): refusal and
     over-refusal rates, parse failures, invalid moves, ..."""
     quality: float | None = None
-    """Mean over the answers of the judge's mean log-prob per token given the context (None
-    without a judge); see the module docstring."""
+    """Mean over the answers of the judge's figure, in nats per token (None without a judge);
+    see the module docstring."""
     quality_stderr: float | None = None
 
     def summary(self) -> str:
@@ -93,8 +95,8 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
 
 
 Judge = Callable[[list[list[int]], list[list[int]]], list["float | None"]]
-"""``(prompts with the context, response token ids) -> mean log-prob per token`` of each
-response (None for an empty one)."""
+"""``(prompts with the context, response token ids) -> quality`` of each response in nats
+per token (None for an empty one)."""
 
 
 def quality_of(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:

@@ -8,8 +8,8 @@ every evaluation's, and the guard compares them with their values at the start:
 - the student's entropy at its own sampled positions (``guard.max_entropy_rise`` nats above
   the first step's), and its top-k mass (below ``guard.min_topk_mass_ratio`` of the first
   step's): a per-step bound must be crossed ``guard.patience`` steps in a row;
-- the evaluation's quality figure (the frozen base model's mean log-prob per token of the
-  answers given the context, see :mod:`opcd.evaluate`): more than
+- the evaluation's quality figure (how natural the frozen base model, given the context,
+  finds the answers, in nats per token, see :mod:`opcd.evaluate`): more than
   ``guard.max_quality_drop`` nats per token below the start's.
 
 Past a bound it raises an :class:`Alarm` naming the figures. The loop then warns
@@ -64,7 +64,7 @@ class CollapseGuard:
         self.good: tuple[int, list[torch.Tensor]] | None = None
         self._pending: tuple[int, list[torch.Tensor]] | None = None
         for rec in history or []:  # a resumed run: the start values of its first records
-            if rec.get("type") == "train" and self.start_entropy is None:
+            if rec.get("type") == "train" and "student_entropy" in rec and self.start_entropy is None:
                 self._set_start(rec)
             if (rec.get("type") == "eval" and rec.get("step") == 0 and not rec.get("with_context")
                     and rec.get("quality") is not None):
@@ -90,8 +90,8 @@ class CollapseGuard:
 
     def after_step(self, m: dict[str, Any]) -> Alarm | None:
         """Check a finished step's figures (they measure the weights before its update)."""
-        if not self.enabled or m.get("skipped"):
-            return None
+        if not self.enabled or m.get("skipped") or "student_entropy" not in m:
+            return None  # (OVD's steps carry no per-token figures: its evaluations are checked)
         if self.start_entropy is None:
             self._set_start(m)
         assert self.start_entropy is not None and self.start_mass is not None
@@ -127,7 +127,7 @@ class CollapseGuard:
             self.start_quality = quality
         if quality < self.start_quality - self.cfg.max_quality_drop:
             return Alarm(step, [
-                f"the answers' quality (the base model's log-prob per token given the context) "
+                f"the answers' quality (how natural the base model finds them given the context) "
                 f"fell from {self.start_quality:.2f} to {quality:.2f} (bound: "
                 f"-{self.cfg.max_quality_drop:g}, guard.max_quality_drop)"])
         if self.streak == 0 and step > 0:

@@ -111,6 +111,7 @@ __all__ = [
     "distill_token_loss",
     "forward_kl_slots",
     "jsd_slots",
+    "log_rest_mass",
     "reduce_token_loss",
     "reduction_totals",
     "reduction_weights",
@@ -362,23 +363,45 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(near, a, b)
 
 
+def log_rest_mass(logp: Tensor, indices: Tensor) -> Tensor:
+    """``log sum_{v not in indices} p(v)`` per row ``[N]``, from full ``[N, V]`` log-probs,
+    summed over the other tokens themselves (detached). Exact where ``1 - sum over the slots``
+    is not: when the slots hold nearly all the mass, that difference keeps only a few float32
+    digits. Empty rest: log of :data:`_REST_FLOOR`."""
+    with torch.no_grad():
+        rest = logp.detach().scatter(-1, indices, -math.inf).logsumexp(dim=-1)
+    return rest.clamp_min(math.log(_REST_FLOOR))
+
+
 def with_rest_bucket(
-    student_logp_slots: Tensor, teacher_logp_slots: Tensor, mask: Tensor | None = None
+    student_logp_slots: Tensor, teacher_logp_slots: Tensor, mask: Tensor | None = None,
+    *, rest: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Append the rest-of-vocabulary bucket to both sides' slots: ``[N, S] -> [N, S + 1]``.
 
-    ``log p(rest) = log(1 - sum_{valid v} p(v))`` per row, computed in log space; the
-    returned mask marks the new column valid. The inputs must be full-vocabulary log-probs
-    gathered at the slots (not renormalised). Differentiable through the student's slots.
+    ``log p(rest) = log(1 - sum_{valid v} p(v))`` per row; the returned mask marks the new
+    column valid. The inputs must be full-vocabulary log-probs gathered at the slots (not
+    renormalised). Differentiable through the student's slots. ``rest``: both sides' log
+    rest masses ``[N]`` computed from the other tokens (:func:`log_rest_mass`), for the
+    precise value; the student's gradient still flows through its slots
+    (``d log p(rest) / d log p(v) = -p(v) / p(rest)``).
     """
     valid = _slot_mask(student_logp_slots, teacher_logp_slots, mask)
 
-    def rest(logp: Tensor) -> Tensor:
-        return _log1mexp(torch.logsumexp(logp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True))
+    def from_slots(logp: Tensor) -> Tensor:
+        return _log1mexp(torch.logsumexp(logp.masked_fill(~valid, -math.inf), dim=-1))
 
+    if rest is None:
+        s_rest, t_rest = from_slots(student_logp_slots), from_slots(teacher_logp_slots)
+    else:
+        s_value, t_rest = (r.detach().to(student_logp_slots.dtype) for r in rest)
+        mass = torch.where(valid, student_logp_slots.exp(), torch.zeros_like(student_logp_slots))
+        mass = mass.sum(dim=-1)
+        # the value from the other tokens, the gradient of log(1 - slot mass) at that value
+        s_rest = s_value - (mass - mass.detach()) / s_value.exp()
     ones = torch.ones_like(valid[..., :1])
-    return (torch.cat([student_logp_slots, rest(student_logp_slots)], dim=-1),
-            torch.cat([teacher_logp_slots, rest(teacher_logp_slots)], dim=-1),
+    return (torch.cat([student_logp_slots, s_rest.unsqueeze(-1)], dim=-1),
+            torch.cat([teacher_logp_slots, t_rest.unsqueeze(-1)], dim=-1),
             torch.cat([valid, ones], dim=-1))
 
 
@@ -492,8 +515,10 @@ def distill_token_loss(
     indices, valid = select_slots(student_logp, teacher_logp, k, slot_source)
     s_slots = student_logp.gather(-1, indices)
     t_slots = teacher_logp.gather(-1, indices)
+    rest = ((log_rest_mass(student_logp, indices), log_rest_mass(teacher_logp, indices))
+            if tail and not renormalize else None)
     loss = slot_divergence(s_slots, t_slots, valid, objective=objective,
-                           renormalize=renormalize, beta=beta, tail=tail)
+                           renormalize=renormalize, beta=beta, tail=tail, rest=rest)
     with torch.no_grad():
         full = student_logp.detach()
         # -sum p log p with 0 log 0 = 0, in one [N, V] buffer: where p == 0 the product is
@@ -505,14 +530,16 @@ def distill_token_loss(
 
 def slot_divergence(s_slots: Tensor, t_slots: Tensor, valid: Tensor | None = None, *,
                     objective: str = "reverse_kl", renormalize: bool = False,
-                    beta: float = 0.5, tail: bool = True) -> Tensor:
+                    beta: float = 0.5, tail: bool = True,
+                    rest: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The per-token divergence ``[N]`` from both models' full-vocabulary log-probabilities
     at the slots ``[N, S]``: the one sparse divergence every method uses (on-policy, off-policy
     over stored teacher top-k, server teacher). ``tail`` adds the rest bucket (unless
-    ``renormalize``); ``objective`` is one of :data:`OBJECTIVES`."""
+    ``renormalize``; ``rest``: its precise log-masses, see :func:`with_rest_bucket`);
+    ``objective`` is one of :data:`OBJECTIVES`."""
     _check_choice("objective", objective, OBJECTIVES)
     if tail and not renormalize:
-        s_slots, t_slots, valid = with_rest_bucket(s_slots, t_slots, valid)
+        s_slots, t_slots, valid = with_rest_bucket(s_slots, t_slots, valid, rest=rest)
     if objective == "reverse_kl":
         return reverse_kl_slots(s_slots, t_slots, valid, renormalize)
     if objective == "forward_kl":
@@ -765,11 +792,19 @@ def _in_place_chunk(
     z_slots, zt_slots = z.gather(-1, idx), zt.gather(-1, idx)
     t_slots = zt_slots - softmax_in_place(zt)
     s_slots = (z_slots - softmax_in_place(z)).requires_grad_()  # z now holds softmax(z / T)
+    rest = None
+    if spec.tail and not spec.renormalize:
+        # both rest masses summed over the other tokens (see log_rest_mass), in zt's buffer
+        floor = math.log(_REST_FLOOR)
+        t_rest = zt.scatter_(-1, idx, 0.0).sum(dim=-1).log().clamp_min(floor)
+        s_rest = zt.copy_(z).scatter_(-1, idx, 0.0).sum(dim=-1).log().clamp_min(floor)
+        rest = (s_rest, t_rest)
     torch.xlogy(z, z, out=zt)
     entropy = -zt.sum(dim=-1)
     with torch.enable_grad():
         loss = slot_divergence(s_slots, t_slots, valid, objective=spec.objective,
-                               renormalize=spec.renormalize, beta=spec.beta, tail=spec.tail)
+                               renormalize=spec.renormalize, beta=spec.beta, tail=spec.tail,
+                               rest=rest)
         lc = (loss * weights.to(loss.dtype)).sum()
         (g,) = torch.autograd.grad(lc, s_slots)
     z.mul_(-g.sum(dim=-1, keepdim=True)).scatter_add_(-1, idx, g)

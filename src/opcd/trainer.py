@@ -49,6 +49,7 @@ from opcd.errors import (
     CheckpointError,
     CollapseError,
     ConfigError,
+    NothingToDistil,
     NumericalError,
     RunFolderError,
     TrainingInterrupted,
@@ -729,8 +730,13 @@ class Trainer:
         return merge_results(self.dist.gather(part)) if self.dist.enabled else part
 
     def quality_judge(self) -> Judge | None:
-        """The answers' quality figure (:mod:`opcd.evaluate`): the frozen base model's (or the
-        teacher model's) mean log-prob per token of each answer, given the context.
+        """The answers' quality figure (:mod:`opcd.evaluate`), judged by the frozen base model
+        (or the teacher model) given the context: per answer, the mean over its tokens of
+        ``log p(y_t) + H_t``, the judge's log-prob of the token minus its expected value (its
+        entropy ``H_t`` at that position). Answers the judge itself would sample score about
+        0 (so the in-context answers are the ceiling), fluent answers it finds unlikely score
+        below, garbage far below (log p ~ -15 where H ~ 2). Plain log-probs would rank low-
+        entropy text above high-entropy text regardless of quality.
 
         None where no frozen judge is at hand without a second copy of the student (a live
         teacher under full fine-tuning, a server teacher, a verbal teacher) and for games.
@@ -754,13 +760,11 @@ class Trainer:
                 [prompts[i] for i in keep], [responses[i] for i in keep], self.pad_id,
                 prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
                 block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens)
-            head, bias = judge.head()
             for i, h in zip(keep, hidden, strict=True):
-                h = h.to(self.device)
-                z = head(h) if not isinstance(head, torch.Tensor) else nn.functional.linear(h, head, bias)
-                logp = torch.log_softmax(z.float(), dim=-1)
+                logp = torch.log_softmax(judge.logits_from_hidden(h.to(self.device)), dim=-1)
                 ids = torch.tensor(responses[i], device=logp.device)[:, None]
-                out[i] = float(logp.gather(-1, ids).mean())
+                entropy = -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)
+                out[i] = float((logp.gather(-1, ids)[:, 0] + entropy).mean())
             return out
 
         return rate
@@ -1036,21 +1040,24 @@ def _run(
                 "n": res.n, "with_context": with_context, "quality": res.quality,
                 "quality_stderr": res.quality_stderr, **res.details}
 
-    def run_eval(step: int) -> Alarm | None:
+    def run_eval(step: int) -> tuple[EvalResult, Alarm | None]:
         res = trainer.evaluate()
         log.write(eval_record(step, res, False))
         trainer._say(f"eval @ step {step}: {res.summary()}")
         if on_eval:
             on_eval(step, res)
-        return guard.after_eval(step, res.quality)
+        return res, guard.after_eval(step, res.quality)
 
     stopping = dist.any(stop.signum is not None)  # the same decision on every process
     if start == 0 and not stopping:  # (a signal while loading: stop before evaluating)
-        if cfg.eval.with_context:
-            res = trainer.evaluate(with_context=True)
-            log.write(eval_record(0, res, True))
-            trainer._say(f"in-context reference: {res.summary()}")
-        run_eval(0)
+        ceiling = None
+        if wants_ceiling(cfg):
+            ceiling = trainer.evaluate(with_context=True)
+            log.write(eval_record(0, ceiling, True))
+            trainer._say(f"in-context reference: {ceiling.summary()}")
+        base, _ = run_eval(0)
+        if ceiling is not None and cfg.eval.require_lift and ceiling.score <= base.score:
+            raise NothingToDistil(_no_lift_message(ceiling, base, run_dir))
 
     steps = cfg.train.steps
     bar = tqdm(total=steps, initial=start, desc=cfg.method, unit="step",
@@ -1082,7 +1089,7 @@ def _run(
             done = trainer.step >= steps
             stopping = dist.any(stop.signum is not None)
             if alarm is None and (done or (cfg.eval.every and trainer.step % cfg.eval.every == 0)):
-                alarm = run_eval(trainer.step)
+                alarm = run_eval(trainer.step)[1]
             if alarm is not None:
                 if _collapse_alarm(cfg, log, alarm):
                     break
@@ -1109,6 +1116,25 @@ def _run(
     if alarm is not None:
         raise CollapseError(_collapse_message(cfg, alarm, restored, final), result)
     return result
+
+
+def wants_ceiling(cfg: Config) -> bool:
+    """Whether a run measures the in-context score at its start (``eval.with_context``)."""
+    if cfg.eval.with_context is not None:
+        return cfg.eval.with_context
+    return cfg.task.name in ("french", "system_prompt", "suite")
+
+
+def _no_lift_message(ceiling: EvalResult, base: EvalResult, run_dir: Path) -> str:
+    return (
+        f"Nothing to distil: with the context the model scores {ceiling.score:.3f} ± "
+        f"{ceiling.stderr:.3f}, without it {base.score:.3f} ± {base.stderr:.3f} on the "
+        f"same {ceiling.n} held-out prompts, so the context does not raise the behaviour and "
+        "distillation cannot put it into the weights. Check that the behaviour scorer "
+        "(task.behaviour) measures what the context asks for and that the model follows the "
+        "context (`opcd eval --model MODEL --task TASK --with-context` shows its answers), or set "
+        f"eval.require_lift=false to train anyway (run folder: {str(run_dir)!r})."
+    )
 
 
 def _collapse_alarm(cfg: Config, log: MetricsLog, alarm: Alarm) -> bool:

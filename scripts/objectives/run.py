@@ -1,0 +1,56 @@
+"""One cell of the objective comparison (docs/objectives.md): a system-prompt distillation
+with the given config overrides, every evaluation's answers kept.
+
+    python scripts/objectives/run.py NAME [key=value ...]
+
+Writes runs/objectives/NAME/ (the run folder) and runs/objectives/NAME.json: every
+evaluation's behaviour rate, quality figure and answers, the per-step figures, and whether
+the collapse guard fired. A finished cell is skipped when run again (delete its JSON to
+redo it). Base config: the demo's (src/opcd/configs/demo.yaml) with guard.action=warn, so
+that a breaking run is seen to its end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from opcd.config import load_config
+from opcd.demo import DEMO_CONFIG
+from opcd.trainer import train
+
+OUT = Path("runs/objectives")
+
+
+def main(name: str, overrides: list[str]) -> None:
+    out = OUT / f"{name}.json"
+    if out.is_file():
+        print(f"{out} exists: skipped")
+        return
+    cfg = load_config(DEMO_CONFIG, ["guard.action=warn", f"run.dir={OUT / name}", *overrides])
+    evals: list[dict] = []
+
+    def keep(step: int, res) -> None:  # noqa: ANN001 - an EvalResult
+        evals.append({"step": step, "score": res.score, "stderr": res.stderr,
+                      "quality": res.quality, "quality_stderr": res.quality_stderr,
+                      "details": res.details, "answers": [r["response"] for r in res.records]})
+
+    t0 = time.perf_counter()
+    res = train(cfg, overwrite=True, progress=False, on_eval=keep)
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ctx = [r for r in recs if r["type"] == "eval" and r["with_context"]]
+    out.write_text(json.dumps({
+        "name": name, "overrides": overrides, "seconds": round(time.perf_counter() - t0, 1),
+        "in_context": ctx[0] if ctx else None, "evals": evals,
+        "steps": [{k: r[k] for k in ("step", "loss", "reverse_kl", "student_entropy",
+                                     "student_topk_mass", "time_step")}
+                  for r in recs if r["type"] == "train"],
+        "guard": [r for r in recs if r["type"] == "guard"],
+    }, indent=1, ensure_ascii=False))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
