@@ -34,11 +34,11 @@ def test_guard_fires_after_patience_and_restores_the_last_good_weights() -> None
     for n in (1, 2, 3):  # the figures of steps 1-3 measure the weights after 0-2 updates
         assert step(n) is None
     # steps 4 and 5 measure broken weights (after 3 and 4 updates)
-    assert step(4, entropy=4.0) is None  # one step: patience
-    alarm = step(5, entropy=4.0, mass=0.5)
+    assert step(4, entropy=5.0) is None  # one step: patience
+    alarm = step(5, entropy=5.0, mass=0.5)
     assert alarm is not None and alarm.step == 5
     text = alarm.text()
-    assert "1.50 to 4.00" in text and "0.950 to 0.500" in text and "2 steps in a row" in text
+    assert "1.50 to 5.00" in text and "0.950 to 0.500" in text and "2 steps in a row" in text
     assert guard.restore() == 2  # step 3's figures passed: the weights after 2 updates
     assert w.tolist() == [2.0, 2.0, 2.0]
 

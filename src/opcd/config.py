@@ -224,13 +224,17 @@ class GuardConfig:
     action: GuardAction = "stop"
     """stop: end the run and keep the last state that passed every check as ``final/``;
     warn: say so and go on; off: no checks (and no copies of the weights)."""
-    max_entropy_rise: float = 2.0
-    """Nats the student's entropy (at its sampled tokens) may rise above the first step's."""
+    max_entropy_rise: float = 3.0
+    """Nats the student's entropy (at its sampled tokens) may rise above the first step's
+    (measured: a French system prompt learnt by forward KL peaked at +2.0 for one step; the
+    reference formula's collapse reached +5 and then +8.5)."""
     min_topk_mass_ratio: float = 0.7
     """The student's top-k mass may not fall below this share of the first step's."""
-    max_quality_drop: float = 1.0
+    max_quality_drop: float = 2.0
     """Nats per token the answers' quality (how natural the frozen base model, given the
-    context, finds them: see opcd.evaluate) may fall below the first evaluation's."""
+    context, finds them: see opcd.evaluate) may fall below the first evaluation's (measured:
+    -1.2 while a student switched language mid-answer, recovering to 0 two steps later;
+    garbage tokens score log p ~ -15 where the entropy is ~2)."""
     patience: int = 2
     """Steps in a row a per-step bound must be crossed before the guard acts."""
 
