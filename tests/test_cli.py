@@ -35,6 +35,14 @@ def test_train_and_eval_commands(tiny_model_dir: Path, tmp_path: Path, capsys) -
     line = capsys.readouterr().out
     assert re.search(r"system_prompt/eval without context: \d\.\d{3} ± \d\.\d{3} \(n=2\)", line)
     assert len(json.loads(out_json.read_text())["records"]) == 2
+    # the base model as judge: each answer's quality given the context
+    assert main(["eval", "--model", str(run / "final"), "--task", "system_prompt", "--config", str(f),
+                 "--size", "2", "--max-new-tokens", "3", "--judge", str(tiny_model_dir),
+                 "--output", str(out_json)]) == 0
+    line = capsys.readouterr().out
+    assert re.search(r"quality -?\d+\.\d{3} ± \d\.\d{3} nats/token", line), line
+    records = json.loads(out_json.read_text())["records"]
+    assert all(isinstance(r["quality"], float) for r in records if r["response"])
 
 
 def test_user_errors_exit_2_with_one_paragraph(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:

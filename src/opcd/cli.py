@@ -46,6 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.model, args.task, split=args.split, with_context=args.with_context, size=args.size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         config=args.config, overrides=args.overrides, records_path=args.output_jsonl,
+        judge=args.judge,
     )
     if args.output_jsonl:
         print(f"records in {args.output_jsonl} ({res.resumed} of {res.n} read back from an "
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="registry name, local HF folder, GGUF file or hub id")
     e.add_argument("--task", required=True, help="task name (e.g. french)")
     e.add_argument("--with-context", action="store_true", help="put the task's context in the prompt")
+    e.add_argument("--judge", default=None, metavar="MODEL",
+                   help="rate the answers' quality with this model given the context (e.g. the "
+                        "base model a run started from)")
     e.add_argument("--split", default="eval", help="train or eval (default: eval)")
     e.add_argument("--size", type=int, default=None, help="score only the first N examples")
     e.add_argument("--max-new-tokens", type=int, default=48)

@@ -10,7 +10,7 @@ compared and read.
 With a ``judge`` (training passes the frozen base model with the context) every answer
 also gets a *quality* figure: how natural the judge finds it, given the context and the
 prompt, in nats per token: its log-prob of each token minus the expected log-prob at that
-position (see :meth:`opcd.trainer.Trainer.quality_judge`), 0 for answers the judge would
+position (see :func:`teacher_judge`), 0 for answers the judge would
 write itself. It tells natural answers from garbage that a behaviour scorer might pass
 (broken text in the right language, say): the same figure for the base model's answers
 without the context and for its answers with the context (the ceiling, about 0) sits
@@ -43,6 +43,7 @@ from opcd.errors import ConfigError, RunFolderError
 from opcd.multiturn import is_multiturn, play
 from opcd.packing import packed_linears, should_pack
 from opcd.tasks.base import Task, derive_seed
+from opcd.teacher import Teacher
 
 
 @dataclass
@@ -97,6 +98,37 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
 Judge = Callable[[list[list[int]], list[list[int]]], list["float | None"]]
 """``(prompts with the context, response token ids) -> quality`` of each response in nats
 per token (None for an empty one)."""
+
+
+def teacher_judge(teacher: Teacher, pad_id: int, device: torch.device | str, *,
+                  prefix_cache: bool = True, batch_size: int = 8, block: int = 64,
+                  cache_tokens: int = 16384) -> Judge:
+    """The quality figure's judge: ``teacher`` (a frozen model) reads each answer after the
+    prompt with the context and scores it by the mean over its tokens of
+    ``log p(y_t) + H_t``, its log-prob of the token minus the expected value (its entropy
+    ``H_t`` at that position). Answers the judge itself would sample score about 0 (the
+    in-context answers are the ceiling), fluent answers it finds unlikely below, garbage far
+    below (log p ~ -15 where H ~ 2). Plain log-probs would rank low-entropy text above
+    high-entropy text whatever its quality."""
+
+    @torch.no_grad()
+    def rate(prompts: list[list[int]], responses: list[list[int]]) -> list[float | None]:
+        out: list[float | None] = [None] * len(responses)
+        keep = [i for i, r in enumerate(responses) if r]
+        if not keep:
+            return out
+        hidden = teacher.response_hidden(
+            [prompts[i] for i in keep], [responses[i] for i in keep], pad_id,
+            prefix_cache=prefix_cache, batch_size=batch_size, block=block,
+            cache_tokens=cache_tokens)
+        for i, h in zip(keep, hidden, strict=True):
+            logp = torch.log_softmax(teacher.logits_from_hidden(h.to(device)), dim=-1)
+            ids = torch.tensor(responses[i], device=logp.device)[:, None]
+            entropy = -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)
+            out[i] = float((logp.gather(-1, ids)[:, 0] + entropy).mean())
+        return out
+
+    return rate
 
 
 def quality_of(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:

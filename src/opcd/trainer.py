@@ -54,7 +54,7 @@ from opcd.errors import (
     RunFolderError,
     TrainingInterrupted,
 )
-from opcd.evaluate import EvalResult, Judge, evaluate, merge_results
+from opcd.evaluate import EvalResult, Judge, evaluate, merge_results, teacher_judge
 from opcd.guard import Alarm, CollapseGuard
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
 from opcd.rollout_backends import (
@@ -730,13 +730,8 @@ class Trainer:
         return merge_results(self.dist.gather(part)) if self.dist.enabled else part
 
     def quality_judge(self) -> Judge | None:
-        """The answers' quality figure (:mod:`opcd.evaluate`), judged by the frozen base model
-        (or the teacher model) given the context: per answer, the mean over its tokens of
-        ``log p(y_t) + H_t``, the judge's log-prob of the token minus its expected value (its
-        entropy ``H_t`` at that position). Answers the judge itself would sample score about
-        0 (so the in-context answers are the ceiling), fluent answers it finds unlikely score
-        below, garbage far below (log p ~ -15 where H ~ 2). Plain log-probs would rank low-
-        entropy text above high-entropy text regardless of quality.
+        """The answers' quality figure (:func:`opcd.evaluate.teacher_judge`), judged by the
+        frozen base model (or the teacher model) given the context.
 
         None where no frozen judge is at hand without a second copy of the student (a live
         teacher under full fine-tuning, a server teacher, a verbal teacher) and for games.
@@ -749,25 +744,9 @@ class Trainer:
                 return None
             judge = Teacher("frozen", self.student)  # the base: the adapter switched off
         perf = self.cfg.perf
-
-        @torch.no_grad()
-        def rate(prompts: list[list[int]], responses: list[list[int]]) -> list[float | None]:
-            out: list[float | None] = [None] * len(responses)
-            keep = [i for i, r in enumerate(responses) if r]
-            if not keep:
-                return out
-            hidden = judge.response_hidden(
-                [prompts[i] for i in keep], [responses[i] for i in keep], self.pad_id,
-                prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
-                block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens)
-            for i, h in zip(keep, hidden, strict=True):
-                logp = torch.log_softmax(judge.logits_from_hidden(h.to(self.device)), dim=-1)
-                ids = torch.tensor(responses[i], device=logp.device)[:, None]
-                entropy = -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)
-                out[i] = float((logp.gather(-1, ids)[:, 0] + entropy).mean())
-            return out
-
-        return rate
+        return teacher_judge(judge, self.pad_id, self.device, prefix_cache=perf.prefix_cache,
+                             batch_size=perf.teacher_batch_size, block=perf.prefix_block_tokens,
+                             cache_tokens=perf.prefix_cache_tokens)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: Path, rng: dict[str, Any]) -> Path:
