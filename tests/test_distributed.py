@@ -157,6 +157,7 @@ def _launch(cfg: dict[str, Any], folder: Path, *, resume: bool = False, fsdp: bo
            "--main_process_port", "0", "-m", "opcd", "train", str(cfg_file), "--quiet",
            *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    (folder / "launch-stderr.txt").write_text(proc.stderr)  # every process's, for a failure
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
 
 

@@ -720,12 +720,13 @@ class Trainer:
     def evaluate(self, with_context: bool = False) -> EvalResult:
         """The eval split without (or with) the context; each process scores its shard."""
         e = self.cfg.eval
+        judge = self.quality_judge()
         with gathered(self.student):  # FSDP: whole weights while sampling (else a no-op)
             part = evaluate(
                 self.student, self.tokenizer, self.task, split="eval", with_context=with_context,
                 size=e.size, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                 seed=e.seed, batch_size=self.cfg.rollout.batch_size,
-                shard=(self.dist.rank, self.dist.world), judge=self.quality_judge(),
+                shard=(self.dist.rank, self.dist.world), judge=judge,
             )
         return merge_results(self.dist.gather(part)) if self.dist.enabled else part
 
@@ -734,9 +735,11 @@ class Trainer:
         frozen base model (or the teacher model) given the context.
 
         None where no frozen judge is at hand without a second copy of the student (a live
-        teacher under full fine-tuning, a server teacher, a verbal teacher) and for games.
+        teacher under full fine-tuning, a server teacher, a verbal teacher), for games, and
+        under FSDP (the processes judge different numbers of answers, and a sharded judge
+        gathers its weights per call: a collective the processes would not match).
         """
-        if is_multiturn(self.task) or not isinstance(self.teacher, Teacher):
+        if is_multiturn(self.task) or not isinstance(self.teacher, Teacher) or self.dist.fsdp:
             return None
         judge = self.teacher
         if judge.mode == "live":
