@@ -21,6 +21,19 @@ def sum_tolerance(term_scale: float, ulps: float = 64.0) -> float:
     """
     return ulps * FLOAT32_EPS * (abs(term_scale) + 1.0)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _probe_file_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """The decode probe (opcd.probe) writes its figures under the tests' tmp dir, not the
+    user's cache (the packaged models stay read from there)."""
+    from opcd import probe
+
+    path = tmp_path_factory.mktemp("probe") / probe.PROBE_FILE
+    mp = pytest.MonkeyPatch()
+    mp.setattr(probe, "_probe_path", lambda: path)
+    yield path
+    mp.undo()
+
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

@@ -281,9 +281,10 @@ def evaluate(
     resumed = 0
     # The weights do not change during an evaluation: pack them once for all its batches
     # (each sample() call would otherwise pack and free its own copy; see opcd.packing).
-    pack = should_pack(model, max_new_tokens) and any(ex.id not in done for ex in examples)
+    rows = min(batch_size, len(examples))
+    kernel = should_pack(model, max_new_tokens, rows) if any(ex.id not in done for ex in examples) else None
     with (torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None),
-          packed_linears(model, batch_size) if pack else contextlib.nullcontext()):
+          packed_linears(model, rows, kernel) if kernel else contextlib.nullcontext()):
         for b, start in enumerate(range(0, len(examples), batch_size)):
             batch = examples[start : start + batch_size]
             if all(ex.id in done for ex in batch):
