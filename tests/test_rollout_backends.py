@@ -151,13 +151,53 @@ def test_a_dtype_slower_than_float32_is_named_with_the_fix(
     tiny: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, _, _ = tiny
-    assert 0 < rollout_backends.matmul_seconds(torch.float32, 16) < 1
-    times = {torch.float32: 1e-3, torch.bfloat16: 4e-3}
-    monkeypatch.setattr(rollout_backends, "matmul_seconds", lambda dtype, hidden: times[dtype])
+    figures = {"float32": 2e-3, "float32/onednn": 1e-3, "bfloat16": 4e-3, "float16": 3e-3}
+    monkeypatch.setattr(rollout_backends.probe, "product_seconds", lambda hidden, rows: figures)
     note = rollout_backends.slow_dtype_note(model, torch.bfloat16)
-    assert note is not None and "4.0x slower" in note and "Remove rollout.dtype" in note
-    times[torch.bfloat16] = 0.5e-3
+    # against fp32 at its best kernel, not the plain product
+    assert note is not None and "4.0x slower" in note and "rollout.dtype=auto" in note
+    assert "3.0x slower" in (rollout_backends.slow_dtype_note(model, torch.float16) or "")
+    figures["bfloat16/onednn"] = 0.5e-3
     assert rollout_backends.slow_dtype_note(model, torch.bfloat16) is None
+
+
+def test_rollout_dtype_auto_picks_bf16_only_where_it_is_clearly_faster(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _, _ = tiny
+    figures = {"float32": 2e-3, "float32/onednn": 1e-3, "bfloat16": 0.5e-3}
+    monkeypatch.setattr(rollout_backends.probe, "product_seconds", lambda hidden, rows: figures)
+    dtype, line = rollout_backends.choose_rollout_dtype(model, 8)
+    assert dtype == torch.bfloat16 and "2.00x faster" in line and "float32/onednn 1.00 ms" in line
+    figures["bfloat16"] = 0.8e-3  # 1.25x: not worth samples from rounded weights
+    dtype, line = rollout_backends.choose_rollout_dtype(model, 8)
+    assert dtype is None and "sampling in float32" in line
+    dtype, line = rollout_backends.choose_rollout_dtype(copy.deepcopy(model).to(torch.bfloat16), 8)
+    assert dtype is None and "training model itself" in line
+
+
+def test_trainer_with_rollout_dtype_auto_follows_the_probe(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_trainer import tiny_config
+
+    from opcd.trainer import Trainer
+
+    figures = {"float32": 2e-3, "bfloat16": 1e-3}
+    monkeypatch.setattr(rollout_backends.probe, "product_seconds", lambda hidden, rows: figures)
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path))
+    assert cfg.rollout.dtype == "auto"
+    trainer = Trainer(cfg, progress=False)
+    assert next(trainer.backend.model.parameters()).dtype == torch.bfloat16
+    figures["bfloat16"] = 4e-3
+    trainer = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path / "b")), progress=False)
+    assert trainer.backend.model is trainer.student
+
+
+def test_the_probe_answers_for_a_real_cpu(tiny: Any) -> None:
+    model, _, _ = tiny
+    dtype, line = rollout_backends.choose_rollout_dtype(model, 4)
+    assert dtype in (None, torch.bfloat16) and "float32" in line and "bfloat16" in line
 
 
 # --------------------------------------------------------------------------- config

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from opcd import rollout
+from opcd import probe, rollout
 from opcd.errors import ConfigError
 from opcd.tasks.base import derive_seed
 
@@ -161,33 +161,53 @@ def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return out.eval()
 
 
-def matmul_seconds(dtype: torch.dtype, hidden: int, rows: int = 8, repeats: int = 5) -> float:
-    """Fastest of ``repeats`` decode-shaped CPU products ``[rows, hidden] @ [hidden, 4 hidden]``."""
-    import time
-
-    a = torch.randn(rows, hidden).to(dtype)
-    w = torch.randn(4 * hidden, hidden).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        t = time.perf_counter()
-        torch.nn.functional.linear(a, w)
-        best = min(best, time.perf_counter() - t)
-    return best
+AUTO_BF16_GAIN = 1.5
+"""``rollout.dtype=auto`` samples from a bf16 copy only where the probe's bf16 product is at
+least this much faster than the best fp32 one (the copy is refreshed after every update and
+its samples come from rounded weights: a small gain does not pay for that)."""
 
 
-def slow_dtype_note(model: nn.Module, dtype: torch.dtype) -> str | None:
-    """A warning when ``dtype`` multiplies slower than float32 on this CPU (no bf16/fp16
-    matrix units: torch then emulates it, measured elsewhere at 0.3 GFLOP/s), else None."""
-    if next(model.parameters()).device.type != "cpu":
-        return None
+def _best(figures: dict[str, float], dtype: torch.dtype) -> float:
+    name = str(dtype).removeprefix("torch.")
+    return min((s for way, s in figures.items() if way.split("/")[0] == name), default=float("inf"))
+
+
+def _figures(model: nn.Module, rows: int) -> dict[str, float]:
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 1024)
-    fast, slow = matmul_seconds(torch.float32, hidden), matmul_seconds(dtype, hidden)
+    return probe.product_seconds(hidden, max(1, rows))
+
+
+def choose_rollout_dtype(model: nn.Module, rows: int) -> tuple[torch.dtype | None, str]:
+    """``rollout.dtype=auto``: bf16 where this CPU multiplies it :data:`AUTO_BF16_GAIN` times
+    faster than fp32 (:mod:`opcd.probe`, fp32 at its best kernel), else the training model
+    itself (None). Also returns a line for the log with the figures behind the choice."""
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return None, (f"rollout.dtype=auto: sampling with the training model itself "
+                      f"({str(p.dtype).removeprefix('torch.')} on {p.device.type})")
+    figures = _figures(model, rows)
+    fp32, bf16 = _best(figures, torch.float32), _best(figures, torch.bfloat16)
+    pick = bf16 * AUTO_BF16_GAIN <= fp32
+    why = (f"bf16 {fp32 / bf16:.2f}x faster than fp32" if pick else
+           f"bf16 {fp32 / bf16:.2f}x the speed of fp32, under {AUTO_BF16_GAIN}x")
+    line = (f"rollout.dtype=auto: sampling {'from a bfloat16 copy' if pick else 'in float32'} "
+            f"({why}; {probe.describe(figures, int(getattr(model.config, 'hidden_size', 0) or 1024), rows)})")
+    return (torch.bfloat16 if pick else None), line
+
+
+def slow_dtype_note(model: nn.Module, dtype: torch.dtype, rows: int = 8) -> str | None:
+    """A warning when ``dtype`` multiplies slower than float32 on this CPU (no bf16/fp16
+    matrix units: torch then emulates it, measured at 0.3-2.5 GFLOP/s), else None."""
+    if next(model.parameters()).device.type != "cpu" or dtype == torch.float32:
+        return None
+    figures = _figures(model, rows)
+    name = str(dtype).removeprefix("torch.")
+    fast, slow = _best(figures, torch.float32), _best(figures, dtype)
     if slow <= fast:
         return None
-    name = str(dtype).removeprefix("torch.")
     return (f"rollout.dtype={name} multiplies {slow / fast:.1f}x slower than float32 on this "
             f"CPU ({slow * 1e3:.2f} ms against {fast * 1e3:.2f} ms for one decode-sized product): "
-            "it has no matrix units for that dtype. Remove rollout.dtype to sample in float32.")
+            "it has no matrix units for that dtype. Set rollout.dtype=auto to let opcd choose.")
 
 
 def vllm_installed() -> bool:

@@ -61,6 +61,7 @@ from opcd.rollout_backends import (
     RolloutBackend,
     build_backend,
     check_vllm_usable,
+    choose_rollout_dtype,
     slow_dtype_note,
 )
 from opcd.scoring import linear_head, pack, response_hidden, response_logits
@@ -428,7 +429,7 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        if cfg.rollout.dtype != "model" and self.dist.is_main:
+        if cfg.rollout.dtype not in ("model", "auto") and self.dist.is_main:
             note = slow_dtype_note(self.student, getattr(torch, cfg.rollout.dtype))
             if note:
                 _warn(f"opcd: warning: {note}")
@@ -442,11 +443,17 @@ class Trainer:
         if r.backend == "vllm":
             self._say("starting the vLLM rollout engine ...")
             path = resolve_model_ref(self.cfg.model, pull_missing=False).location
+        dtype = None if r.dtype in ("model", "auto") else getattr(torch, r.dtype)
+        if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and self.method == "opcd":
+            # One process only: processes timing the CPU apart could choose differently.
+            dtype, line = choose_rollout_dtype(
+                self.student, min(r.batch_size, self.cfg.train.batch_size * r.n))
+            self._say(line)
         return build_backend(
             r.backend, self.student, self.tokenizer, batch_size=r.batch_size, model_path=path,
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
             max_model_len=self.max_prompt_tokens + r.max_new_tokens, seed=self.cfg.train.seed,
-            dtype=None if r.dtype == "model" else getattr(torch, r.dtype),
+            dtype=dtype,
         )
 
     def _sync_backend(self) -> None:
