@@ -410,14 +410,27 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return path, write_tiny_gguf(path, build_tokenizer())
 
 
-def test_convert_gguf_writes_clean_float32_safetensors(tiny_gguf, tmp_path: Path) -> None:
+def test_convert_gguf_writes_clean_float32_safetensors(
+    tiny_gguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gguf
     from safetensors import safe_open
 
     gguf_path, written = tiny_gguf
     (gguf_path.parent / "tokenizer_config.json").write_text("{not json")  # must not leak in
     out = tmp_path / "out"
     out.mkdir()
+    parses: list[str] = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path, mode="r"):
+        parses.append(str(path))
+        return real_reader(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
     convert_gguf(gguf_path, out)
+    assert len(parses) == 1  # config, tokenizer and weights read one parsed header
+    assert gguf.GGUFReader is counting_reader  # restored after the conversion
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert config["pad_token_id"] is not None
