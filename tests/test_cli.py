@@ -79,8 +79,9 @@ def test_demo_command_on_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys
     assert main(["demo", "--model", str(tiny_model_dir), "--steps", "1", "--run-dir", str(run),
                  "--quiet", "eval.require_lift=false"]) == 0
     out = capsys.readouterr().out
-    assert "French rate on" in out and "after OPCD" in out
+    assert "French rate on" in out and "after OPCD" in out and "quality" in out
     summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["after"]["quality"], float)  # the judge's figure is reported
     assert summary["steps"] == 1 and summary["before"] is not None and summary["in_context"] is not None
     assert len(summary["examples"]) == 3
     assert (run / "plot.png").is_file() and (run / "metrics.jsonl").is_file()

@@ -63,9 +63,9 @@ def demo(
         "task": cfg.task.name,
         "steps": result.steps,
         "eval_prompts": evals[0]["n"] if evals else 0,
-        "before": {"rate": evals[0]["score"], "stderr": evals[0]["stderr"]} if evals else None,
-        "after": {"rate": evals[-1]["score"], "stderr": evals[-1]["stderr"]} if evals else None,
-        "in_context": {"rate": ctx[0]["score"], "stderr": ctx[0]["stderr"]} if ctx else None,
+        "before": _figures(evals[0]) if evals else None,
+        "after": _figures(evals[-1]) if evals else None,
+        "in_context": _figures(ctx[0]) if ctx else None,
         "curve": [(e["step"], e["score"]) for e in evals],
         "examples": _examples(seen),
         "seconds_total": round(time.perf_counter() - t0, 1),
@@ -77,6 +77,11 @@ def demo(
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_summary(summary))
     return summary
+
+
+def _figures(e: dict[str, Any]) -> dict[str, float | None]:
+    return {"rate": e["score"], "stderr": e["stderr"], "quality": e.get("quality"),
+            "quality_stderr": e.get("quality_stderr")}
 
 
 def _examples(seen: dict[int, Any], k: int = 3) -> list[dict[str, str]]:
@@ -97,13 +102,20 @@ def _short(text: str, n: int = 90) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    def cell(x: dict[str, float] | None) -> str:
-        return f"{x['rate'] * 100:5.1f}% ± {x['stderr'] * 100:4.1f}" if x else "   n/a"
+    def cell(x: dict[str, Any] | None) -> str:
+        if not x:
+            return "   n/a"
+        rate = f"{x['rate'] * 100:5.1f}% ± {x['stderr'] * 100:4.1f}"
+        if x.get("quality") is None:
+            return rate
+        return f"{rate}   quality {x['quality']:+.2f} ± {x['quality_stderr']:.2f}"
 
     lines = [
         "",
         f"OPCD demo: {s['task']} system prompt distilled into {s['model']} ({s['steps']} steps)",
-        f"French rate on {s['eval_prompts']} held-out prompts:",
+        f"French rate on {s['eval_prompts']} held-out prompts (quality: the frozen base's mean "
+        "log-probability per token of the answers, given the system prompt, relative to its "
+        "entropy; 0 = as natural as its own answers, lower = less natural):",
         f"  without the system prompt, before training : {cell(s['before'])}",
         f"  without the system prompt, after OPCD      : {cell(s['after'])}",
         f"  with the system prompt (in-context ceiling): {cell(s['in_context'])}",
