@@ -9,11 +9,13 @@ Each prints wall, user and kernel (system) CPU seconds and the memory it added:
   head (forward and backward), the built-in objective (reused buffers) against the same
   objective as a token-loss callable (fresh tensors); ``--hold GB`` keeps that much memory
   allocated first, as a training step does (page faults cost more then on this VM).
-- ``decode``: seconds per decode step of :func:`opcd.rollout.decode` on the packaged
-  Qwen2.5-Coder-0.5B, 8 rows, with 1 and with all threads, in fp32 (plain and with
-  MKL-packed weights, :mod:`opcd.packing`; packing time excluded, printed apart) and from a
-  bf16 copy; then the memory bandwidth of a plain sum over the weights' bytes and the rate at
-  which the plain and the packed 8-row products read the weights.
+- ``decode``: the machine probe's figures (:mod:`opcd.probe`), then seconds per decode step
+  of :func:`opcd.rollout.decode` on the packaged Qwen2.5-Coder-0.5B (``--rows``, default 8;
+  the prompt read excluded), in fp32 plain and with each packed kernel (:mod:`opcd.packing`;
+  packing time printed apart), with a LoRA adapter (r=16, every linear layer) as its own
+  products and merged into the packed weights, and from a bf16 copy; then the memory
+  bandwidth of a plain sum over the weights' bytes (the bound a decode step is held to) and
+  the rate at which the plain and packed products read the weights.
 
     python benchmarks/micro.py adamw
     python benchmarks/micro.py loss --hold 8
@@ -112,35 +114,58 @@ def loss(hold_gb: int, kind: str | None) -> None:
     del held
 
 
-def decode() -> None:
+def decode(rows: int = 8) -> None:
     import contextlib
 
+    from peft import LoraConfig, get_peft_model
+
+    from opcd import probe
     from opcd.models.load import load_model
-    from opcd.packing import packed_linears
+    from opcd.packing import available_kernels, packed_linears
     from opcd.rollout import decode as decode_loop
     from opcd.rollout_backends import cast_copy
 
     model, _ = load_model("qwen2.5-coder-0.5b-instruct")
     model.eval()
-    ids = torch.randint(0, 100000, (8, 64), generator=torch.Generator().manual_seed(0))
+    hidden = model.config.hidden_size
+    print(probe.describe(probe.product_seconds(hidden, rows), hidden, rows))
+    ids = torch.randint(0, 100000, (rows, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    steps = 64
-    for label in ("float32", "float32 packed", "bfloat16"):
-        m = cast_copy(model, torch.bfloat16) if label == "bfloat16" else model
-        for threads in (1, torch.get_num_threads()):
-            with contextlib.ExitStack() as stack:
-                if label == "float32 packed":
-                    t = time.perf_counter()
-                    stack.enter_context(packed_linears(m, rows=8))
-                    print(f"packing the fp32 weights for 8 rows: {time.perf_counter() - t:.2f} s")
-                t = time.perf_counter()
-                decode_loop(m, ids, mask, max_new_tokens=steps, stop=[151645], ignore_eos=True,
-                            threads=threads, seeds=list(range(8)))
-                per = (time.perf_counter() - t) / steps
-            print(f"decode, 8 rows, {label}, {threads} thread(s): "
-                  f"{per * 1e3:.0f} ms per step (prompt read included)")
+    steps = 48
+
+    def per_step(m: torch.nn.Module) -> float:
+        """Seconds per decode step, the prompt read excluded (a 1-token run subtracted)."""
+        kw = dict(stop=[151645], ignore_eos=True, seeds=list(range(rows)))
+        t = time.perf_counter()
+        decode_loop(m, ids, mask, max_new_tokens=1, **kw)
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        decode_loop(m, ids, mask, max_new_tokens=steps + 1, **kw)
+        return (time.perf_counter() - t - one) / steps
+
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    lora.eval()
+    runs: list[tuple[str, torch.nn.Module, str | None]] = [("float32", model, None)]
+    runs += [(f"float32 packed {k}", model, k) for k in available_kernels()]
+    runs += [("LoRA r16, adapter products", lora, None)]
+    runs += [(f"LoRA r16 packed {k} (merged)", lora, k) for k in available_kernels()]
+    runs += [("bfloat16 copy", cast_copy(model, torch.bfloat16), None)]
     weights = [mod.weight.detach() for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
     gb = sum(w.numel() * 4 for w in weights) / 1e9
+    for label, m, kernel in runs:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if kernel is not None:
+                t = time.perf_counter()
+                stack.enter_context(packed_linears(m, rows=rows, kernel=kernel))
+                print(f"packing for {rows} rows ({kernel}): {time.perf_counter() - t:.2f} s")
+            per = per_step(m)
+        print(f"decode, {rows} rows, {label}: {per * 1e3:.0f} ms per step "
+              f"(fp32 weights read at {gb / per:.1f} GB/s)")
 
     def rate(run: Callable[[], object]) -> float:
         run()
@@ -148,26 +173,30 @@ def decode() -> None:
         run()
         return gb / (time.perf_counter() - t)
 
-    print(f"sum over the {gb:.2f} GB of linear weights: {rate(lambda: [w.sum() for w in weights]):.1f} GB/s")
-    xs = {w.shape[1]: torch.randn(8, w.shape[1]) for w in weights}
+    bandwidth = rate(lambda: [w.sum() for w in weights])
+    print(f"sum over the {gb:.2f} GB of fp32 linear weights: {bandwidth:.1f} GB/s, "
+          f"i.e. {gb / bandwidth * 1e3:.0f} ms per step at that rate")
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     plain = rate(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
-    print(f"8-row products, plain weights: {plain:.1f} GB/s")
-    with packed_linears(model, rows=8):
-        mods = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
-        packed = rate(lambda: [mod(xs[mod.in_features]) for mod in mods])
-    print(f"8-row products, packed weights: {packed:.1f} GB/s")
+    print(f"{rows}-row products, plain weights: {plain:.1f} GB/s")
+    for kernel in available_kernels():
+        with torch.no_grad(), packed_linears(model, rows=rows, kernel=kernel):
+            mods = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+            packed = rate(lambda mods=mods: [mod(xs[mod.in_features]) for mod in mods])
+        print(f"{rows}-row products, packed {kernel}: {packed:.1f} GB/s")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("which", choices=["adamw", "loss", "decode"])
     p.add_argument("--hold", type=int, default=0, help="loss: GiB to hold allocated first")
+    p.add_argument("--rows", type=int, default=8, help="decode: rows decoded together")
     p.add_argument("--kind", default=None,
                    help="adamw: foreach, for-loop or fused; loss: built-in or callable "
                    "(default: each in its own process)")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
-    {"adamw": lambda: adamw(args.kind), "loss": lambda: loss(args.hold, args.kind), "decode": decode}[args.which]()
+    {"adamw": lambda: adamw(args.kind), "loss": lambda: loss(args.hold, args.kind), "decode": lambda: decode(args.rows)}[args.which]()
     return 0
 
 
