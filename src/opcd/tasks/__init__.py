@@ -14,6 +14,9 @@ Built-in tasks:
   held-out generator seeds. ``gsm8k``: the same train / eval, the GSM8K test set as test.
 - ``frozenlake``, ``sokoban``: multi-turn text games (see :mod:`opcd.tasks.games`).
 - ``safety``: judge requests harmful or not (AdvBench, HarmBench vs. benign requests).
+- ``knowledge``: a fictional organisation's handbook as the context, questions with short
+  exact answers; train and held-out questions (phrased differently) from the questions
+  file (see :mod:`opcd.tasks.knowledge`).
 
 The generated tasks have splits ``train``, ``eval`` and ``test`` sized by
 ``task.train_size`` / ``eval_size`` / ``test_size``; see docs/tasks.md.
@@ -30,10 +33,14 @@ from opcd.tasks.base import SPLITS, Example, Task
 from opcd.tasks.behaviours import suite_entry
 from opcd.tasks.system_prompt import DATA_DIR, FRENCH_SYSTEM_PROMPT, SystemPromptTask, load_prompts
 
-TASKS = ("french", "system_prompt", "suite", "math", "gsm8k", "frozenlake", "sokoban", "safety")
+TASKS = ("french", "system_prompt", "suite", "math", "gsm8k", "frozenlake", "sokoban", "safety",
+         "knowledge")
 
 _DEFAULT_TEMPLATE = next(
     f.default for f in dataclasses.fields(TaskConfig) if f.name == "user_template"
+)
+_DEFAULT_EVAL_FRACTION = next(
+    f.default for f in dataclasses.fields(TaskConfig) if f.name == "eval_fraction"
 )
 
 
@@ -70,6 +77,8 @@ def _template(cfg: TaskConfig) -> str | None:
 
 def build_task(cfg: TaskConfig) -> Task:
     """Make the task a config names, with its overrides applied."""
+    if cfg.name == "knowledge":
+        return _knowledge(cfg)
     if cfg.context_file is not None:
         from opcd.experience import read_context_file
 
@@ -167,6 +176,28 @@ def build_task(cfg: TaskConfig) -> Task:
     close = difflib.get_close_matches(cfg.name, TASKS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"Unknown task {cfg.name!r}.{hint} Available tasks: {', '.join(TASKS)}.")
+
+
+def _knowledge(cfg: TaskConfig) -> Task:
+    """``task.name: knowledge``; its handbook file is read whole (blank lines kept), so it
+    does not go through the line-based ``task.context_file`` reading of the other tasks."""
+    from opcd.tasks.knowledge import build_knowledge_task
+
+    unused = [f"task.{k}" for k in ("behaviour", "families", "train_size", "eval_size", "test_size")
+              if getattr(cfg, k) is not None]
+    if cfg.eval_fraction != _DEFAULT_EVAL_FRACTION:
+        unused.append("task.eval_fraction")
+    if unused:
+        raise ConfigError(
+            "task.name=knowledge does not use " + ", ".join(unused) + "; remove it. Its "
+            "splits come from the questions file's \"split\" field (train / eval), because "
+            "a held-out question must be phrased differently from the training ones, and it "
+            "scores exact answers (no task.behaviour)."
+        )
+    return build_knowledge_task(
+        context=cfg.context, context_file=cfg.context_file, prompts=cfg.prompts,
+        placement=cfg.placement, user_template=cfg.user_template,
+    )
 
 
 __all__ = ["TASKS", "Example", "Task", "build_task"]

@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from opcd.errors import ConfigError, DataError
 from opcd.tasks.base import Example, Placement, Task
@@ -37,23 +38,29 @@ def _is_text(value: str) -> bool:
     return True
 
 
-def load_prompts(path: str | Path) -> list[Example]:
-    """Read a JSONL prompt file; errors name the file and line and say how to fix them.
+def read_jsonl_objects(
+    path: str | Path,
+    *,
+    setting: str = "task.prompts",
+    shape: str = '{"prompt": "..."}',
+    fields: str = 'a "prompt" field',
+) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file with their line numbers (blank lines skipped).
 
-    The file is untrusted input: every row is checked (a JSON object, a non-empty string
-    ``prompt``, an optional string ``context`` and string or integer ``id``, valid Unicode)
-    and every problem is a :class:`DataError`. The text is kept as data, never interpreted.
+    The shared first pass of the JSONL loaders: the file must exist and be UTF-8 (a leading
+    byte-order mark is allowed), and every non-blank line one JSON object; anything else is
+    a :class:`DataError` naming the file and line. ``setting`` (the config key that points
+    at the file), ``shape`` (one line's form) and ``fields`` (the fields a line needs) only
+    word the messages. The rows' fields are left to the caller to check.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(
-            f"Dataset {str(p)!r} does not exist. Point task.prompts at a JSONL file with one "
-            '{"prompt": "..."} object per line.'
+            f"Dataset {str(p)!r} does not exist. Point {setting} at a JSONL file with one "
+            f"{shape} object per line."
         )
     if not p.is_file():
-        raise DataError(f"Dataset {str(p)!r} is not a file. Point task.prompts at a JSONL file.")
-    examples: list[Example] = []
-    seen: set[str] = set()
+        raise DataError(f"Dataset {str(p)!r} is not a file. Point {setting} at a JSONL file.")
     try:
         # utf-8-sig: a leading byte-order mark (written by some editors) is not an error.
         with p.open(encoding="utf-8-sig", errors="strict", newline="") as f:
@@ -64,6 +71,7 @@ def load_prompts(path: str | Path) -> list[Example]:
         ) from None
     except OSError as e:
         raise DataError(f"Dataset {str(p)!r} cannot be read: {e.strerror or e}.") from None
+    rows: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -82,8 +90,23 @@ def load_prompts(path: str | Path) -> list[Example]:
         if not isinstance(row, dict):
             raise DataError(
                 f"Dataset {str(p)!r} line {lineno} is a {type(row).__name__}, not a JSON object "
-                'with a "prompt" field.'
+                f"with {fields}."
             )
+        rows.append((lineno, row))
+    return rows
+
+
+def load_prompts(path: str | Path) -> list[Example]:
+    """Read a JSONL prompt file; errors name the file and line and say how to fix them.
+
+    The file is untrusted input: every row is checked (a JSON object, a non-empty string
+    ``prompt``, an optional string ``context`` and string or integer ``id``, valid Unicode)
+    and every problem is a :class:`DataError`. The text is kept as data, never interpreted.
+    """
+    p = Path(path)
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for lineno, row in read_jsonl_objects(p):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             fields = ", ".join(sorted(repr(k)[:40] for k in row)[:12]) or "none"
