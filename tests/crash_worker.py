@@ -114,7 +114,7 @@ def _install_hooks(
 
     write = trainer_mod.MetricsLog.write
 
-    def metrics_write(self: Any, record: dict[str, Any]) -> None:
+    def metrics_write(self: Any, record: dict[str, Any], answers: Any = None) -> None:
         def torn() -> None:  # half a line reaches the disk, then the process dies
             line = json.dumps(record) + "\n"
             with real_open(self.path, "a", encoding="utf-8") as f:
@@ -123,7 +123,7 @@ def _install_hooks(
                 os.fsync(f.fileno())
 
         event("metrics", torn=torn)
-        write(self, record)
+        write(self, record, answers)
 
     trainer_mod.MetricsLog.write = metrics_write  # type: ignore[method-assign]
 

@@ -74,6 +74,42 @@ def test_guard_quality_drop_fires_at_once_and_full_weights_snapshot_at_evals() -
     assert guard.restore() == 2 and w.tolist() == [2.0, 2.0]
 
 
+def test_the_final_evaluation_is_held_to_the_tighter_quality_bound() -> None:
+    """Mid-run a learning student may pass through mixed answers (quality -1.4 measured);
+    the model presented as the result may not (the reference objective ended at -1.7)."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    guard = CollapseGuard(GuardConfig(), [w])  # defaults: 2 nats mid-run, 1 at the end
+    guard.per_step = False
+    guard.mark_good(0)
+    assert guard.after_eval(0, 0.05) is None
+    with torch.no_grad():
+        w.fill_(4.0)
+    assert guard.after_eval(4, -1.4) is None  # mid-run: within 2 nats
+    with torch.no_grad():
+        w.fill_(8.0)
+    assert guard.after_eval(8, -0.6, final=True) is None  # a fluent result passes
+    alarm = guard.after_eval(8, -1.7, final=True)
+    assert alarm is not None and "guard.max_final_quality_drop, for the final model" in alarm.text()
+    assert guard.after_eval(8, -1.7) is None  # the same figure mid-run passes
+    assert guard.restore() == 8 and w.tolist() == [8.0, 8.0]  # (the -0.6 evaluation passed)
+
+
+def test_only_the_last_evaluation_of_a_run_is_checked_as_final(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, bool]] = []
+    real = CollapseGuard.after_eval
+
+    def spy(self: CollapseGuard, step: int, quality: float | None, final: bool = False) -> Any:
+        calls.append((step, final))
+        return real(self, step, quality, final=final)
+
+    monkeypatch.setattr(CollapseGuard, "after_eval", spy)
+    train(tiny_config(tiny_model_dir, tmp_path / "r", train={"steps": 4}, eval={"every": 2}),
+          progress=False)
+    assert calls == [(0, False), (2, False), (4, True)]
+
+
 def test_a_collapsing_run_stops_and_keeps_the_last_good_state(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

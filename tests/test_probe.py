@@ -34,7 +34,7 @@ def test_product_seconds_are_measured_once_and_kept(probe_file, monkeypatch) -> 
     monkeypatch.setattr(probe, "_MEMO", {})
     assert probe.product_seconds(64, 8) == first and len(calls) == 1  # a new process: the file
     stored = json.loads(probe_file.read_text())
-    assert list(stored) == [f"{probe.machine_key()}|hidden:64|rows:8"]
+    assert list(stored) == [f"{probe.machine_key()}|v{probe.PROBE_VERSION}|hidden:64|rows:8"]
     probe.product_seconds(64, 4)  # another shape
     assert calls[-1] == (64, 4)
     monkeypatch.setattr(probe, "_MEMO", {})

@@ -4,7 +4,8 @@ The student's prompt is the conversation without the context c. The teacher's pr
 the same conversation with c: in the system message (system prompts), or joined into the
 user turn through a template (experience, hints, per-example privileged fields). Chat
 templates come from the tokenizer. The context is inserted as plain text in one pass:
-nothing in it is interpreted as a template.
+nothing in it is interpreted as a template. :func:`insert_context` does the insertion for any
+conversation (training's one-turn prompts, ``opcd chat``'s multi-turn histories).
 """
 
 from __future__ import annotations
@@ -30,13 +31,37 @@ def student_messages(example: Example) -> list[dict[str, str]]:
     return [{"role": "user", "content": example.prompt}]
 
 
+def insert_context(
+    messages: list[dict[str, str]],
+    context: str | None,
+    placement: str = "system",
+    user_template: str = "{context}\n\n{prompt}",
+) -> list[dict[str, str]]:
+    """``messages`` with ``context`` added (a new list; no context: the messages unchanged).
+
+    ``system``: a system message in front; ``user``: the first user turn becomes
+    ``user_template`` filled with the context and that turn's text.
+    """
+    if not context:
+        return list(messages)
+    if placement == "system":
+        return [{"role": "system", "content": context}, *messages]
+    out = list(messages)
+    for i, m in enumerate(out):
+        if m["role"] == "user":
+            out[i] = {"role": "user", "content": fill_template(user_template, context, m["content"])}
+            return out
+    raise ValueError("placement 'user' needs a user turn to put the context into")
+
+
+def task_context(task: Task) -> str | None:
+    """The task-wide context: what an example without a context of its own gets (None: none)."""
+    return task.context(Example(id="", prompt=""))
+
+
 def teacher_messages(task: Task, example: Example) -> list[dict[str, str]]:
-    ctx = task.context(example)
-    if not ctx:
-        return student_messages(example)
-    if task.placement == "system":
-        return [{"role": "system", "content": ctx}, {"role": "user", "content": example.prompt}]
-    return [{"role": "user", "content": fill_template(task.user_template, ctx, example.prompt)}]
+    return insert_context(student_messages(example), task.context(example), task.placement,
+                          task.user_template)
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:

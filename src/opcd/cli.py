@@ -8,6 +8,8 @@
     opcd bench [--model M --batch B --context C --prompt P --response R ...]
     opcd extract CONFIG.yaml [key=value ...] [--overwrite]
     opcd compare SPEC.yaml | --runs A B ... [--task T ...]
+    opcd chat MODEL_OR_RUN [--context TEXT | --context-file PATH] [--side-by-side | --compare-base]
+    opcd push RUN_DIR [REPO_ID] [--public | --private]
 
 Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
 ``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
@@ -134,6 +136,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from opcd.interactive import ChatOptions, chat_session, format_event, open_chat, stdin_lines
+
+    options = ChatOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed)
+    setup = open_chat(args.model, context=args.context, context_file=args.context_file,
+                      side_by_side=args.side_by_side, compare_base=args.compare_base)
+    print(setup.header, file=sys.stderr)
+    tty = sys.stdin.isatty()
+    for event in chat_session(setup.lanes, stdin_lines("you> " if tty else ""), options):
+        if not (tty and event.kind == "user"):  # a terminal already shows what was typed
+            print(format_event(event), flush=True)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from opcd.hub import push
+
+    url = push(args.run_dir, args.repo_id, private=args.private)
+    print(f"pushed {args.run_dir}/final (with its model card) to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opcd",
@@ -227,6 +252,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default=None, help="output folder (default: the spec's, runs/compare)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compare)
+
+    ch = sub.add_parser("chat", help="chat with a model or a run's final model, with or without "
+                        "the context (reads stdin; /reset, /exit)")
+    ch.add_argument("model", metavar="MODEL_OR_RUN",
+                    help="a run folder (its final/ model), packaged name, model folder or .gguf")
+    ch.add_argument("--context", default=None, metavar="TEXT", help="the context (system prompt)")
+    ch.add_argument("--context-file", default=None, metavar="PATH",
+                    help="a file holding the context (its non-blank lines)")
+    ch.add_argument("--side-by-side", action="store_true",
+                    help="two answers per turn: the model without and with the context (a run "
+                    "folder's own context unless --context is given)")
+    ch.add_argument("--compare-base", action="store_true",
+                    help="run folder only: the run's base model with the context beside the "
+                    "distilled model without it")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--seed", type=int, default=0, help="the same seed gives the same answers")
+    ch.set_defaults(func=_cmd_chat)
+
+    pu = sub.add_parser("push", help="upload a run's final model with a generated model card "
+                        "to the Hugging Face hub")
+    pu.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (config.yaml, final/)")
+    pu.add_argument("repo_id", metavar="REPO_ID", nargs="?", default=None,
+                    help="user/name or org/name (default: the run's run.push_to_hub)")
+    vis = pu.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                     help="create the repo private (default: the run's run.hub_private, true)")
+    vis.add_argument("--public", dest="private", action="store_const", const=False,
+                     help="create the repo public")
+    pu.set_defaults(func=_cmd_push)
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ ScoreMode = Literal["generate", "expected"]
 Replace = Literal["whole", "suffix"]
 RolloutBackendName = Literal["hf", "vllm"]
 RolloutDtype = Literal["auto", "model", "float32", "bfloat16", "float16"]
+TrackerName = Literal["tensorboard", "wandb", "trackio"]
 
 
 @dataclass
@@ -200,7 +202,7 @@ class EvalConfig:
     seed: int = 1234
     with_context: bool | None = None
     """Also score the model with the context (the in-context ceiling), at start. None
-    (default): yes for system-prompt tasks (french, system_prompt, suite), no otherwise."""
+    (default): yes for system-prompt tasks (french, system_prompt, suite) and knowledge, no otherwise."""
     require_lift: bool = True
     """With the in-context score measured: stop before training when the context does not
     raise the score above the model's own (nothing to distil); false trains anyway."""
@@ -216,6 +218,27 @@ class RunConfig:
     keep_last: int = 2
     """Checkpoints kept (older ones deleted)."""
     plot: bool = True
+    report_to: list[TrackerName] = field(default_factory=list)
+    """Experiment trackers that also get every ``metrics.jsonl`` record (train steps as
+    scalars at their step, evaluations as ``eval/<task>/score`` ..., the answers as a
+    table) and the config, from the main process: ``tensorboard`` (written under
+    ``<run.dir>/tensorboard/``), ``wandb`` (WANDB_MODE=offline works without an account),
+    ``trackio``. One name or a list; [] (default): none. Each is an optional extra, e.g.
+    ``pip install 'opcd[tensorboard]'``; a missing one is reported before any model is
+    loaded. See :mod:`opcd.tracking`."""
+    tracking_project: str = "opcd"
+    """The wandb / trackio project the run is logged in (the run is named after run.dir's
+    last folder)."""
+    push_to_hub: str | None = None
+    """A Hugging Face hub repo id (``user/name`` or ``org/name``): at the end of a successful
+    run the main process writes a model card (``README.md``: base model, context, settings,
+    scores from ``metrics.jsonl``) into ``final/`` and uploads ``final/`` to that repo (needs
+    ``hf auth login`` or ``HF_TOKEN``, and internet). A failed push keeps the local model and
+    says how to retry: ``opcd push RUN_DIR REPO_ID``. None (default): nothing is uploaded.
+    See :mod:`opcd.hub`."""
+    hub_private: bool = True
+    """run.push_to_hub: create the repo private (default); an existing repo keeps its
+    visibility."""
 
 
 GuardAction = Literal["stop", "warn", "off"]
@@ -239,6 +262,13 @@ class GuardConfig:
     context, finds them: see opcd.evaluate) may fall below the first evaluation's (measured:
     -1.2 while a student switched language mid-answer, recovering to 0 two steps later;
     garbage tokens score log p ~ -15 where the entropy is ~2)."""
+    max_final_quality_drop: float = 1.0
+    """The same, for the run's last evaluation: the model a run presents as its result must
+    be close to the base's quality; the bound mid-run is looser because a student learning a
+    behaviour passes through mixed answers (measured on the French prompt, 17 runs: final
+    quality -0.68 at worst for the objectives that kept the answers fluent, mid-run -1.4;
+    the reference code's objective ended at -1.70 with answers turning into multilingual
+    token soup). Needs an evaluation at the last step (it always runs)."""
     patience: int = 2
     """Steps in a row a per-step bound must be crossed before the guard acts."""
 
@@ -567,6 +597,14 @@ def _check_ranges(cfg: Config) -> None:
         )
     if cfg.task.context is not None and cfg.task.context_file is not None:
         raise ConfigError("Set task.context or task.context_file, not both.")
+    project = cfg.run.tracking_project
+    if not project.strip() or len(project) > 128 or any(c in project for c in '/\\#?%:'):
+        raise ConfigError(
+            f"Config value run.tracking_project={_show(project)} is not a usable project name: "
+            "use 1 to 128 characters without / \\ # ? % or :, e.g. run.tracking_project=opcd."
+        )
+    if cfg.run.push_to_hub is not None:
+        check_repo_id(cfg.run.push_to_hub, "Config value run.push_to_hub")
     if cfg.extract.prompt is not None:
         missing = [p for p in ("{problem}", "{solution}") if p not in cfg.extract.prompt]
         if missing:
@@ -574,6 +612,24 @@ def _check_ranges(cfg: Config) -> None:
                 f"extract.prompt must contain {' and '.join(missing)} (placeholders: {{problem}}, "
                 "{solution}, optionally {experience} and {marker})."
             )
+
+
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def check_repo_id(repo_id: str, where: str) -> None:
+    """Raise :class:`ConfigError` unless ``repo_id`` is a hub repo id ``namespace/name`` (the
+    hub's rules: letters, digits, ``-``, ``_``, ``.``; 1 to 96 characters a part, starting and
+    ending with a letter or digit, no ``--`` or ``..``). ``where`` starts the message."""
+    parts = repo_id.split("/")
+    if len(parts) == 2 and all(_REPO_PART.fullmatch(x) and "--" not in x and ".." not in x
+                               for x in parts):
+        return
+    raise ConfigError(
+        f"{where} {_show(repo_id)} is not a Hugging Face repo id: write it as user/name or "
+        "org/name (letters, digits, '-', '_' and '.', at most 96 characters each, starting and "
+        "ending with a letter or digit, no '--' or '..'), e.g. alice/qwen-french-opcd."
+    )
 
 
 def _check_server_teacher(cfg: Config) -> None:

@@ -33,6 +33,10 @@ class RunFolderError(OpcdError):
     """The run folder cannot be used (holds another run, is unwritable, ...)."""
 
 
+class HubError(OpcdError):
+    """Pushing a model to the Hugging Face hub failed (no token, no network, ...)."""
+
+
 class CheckpointError(OpcdError):
     """A checkpoint is damaged (bad hash, truncated file) or does not match the run."""
 

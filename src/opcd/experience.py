@@ -175,23 +175,23 @@ def fill_prompt(template: str, *, experience: str, problem: str, solution: str, 
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def read_context_file(path: str | Path) -> str:
+def read_context_file(path: str | Path, what: str = "task.context_file") -> str:
     """The context held in a file: its non-blank lines (stripped of trailing spaces), joined.
 
     A missing, unreadable or empty file is a :class:`DataError` (an empty context would
-    silently make the teacher the student).
+    silently make the teacher the student); ``what`` names the setting in its message.
     """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"task.context_file {str(p)!r} does not exist. Check the path.") from None
+        raise DataError(f"{what} {str(p)!r} does not exist. Check the path.") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"task.context_file {str(p)!r} cannot be read as UTF-8 text ({e}).") from None
+        raise DataError(f"{what} {str(p)!r} cannot be read as UTF-8 text ({e}).") from None
     lines = [line.rstrip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(
-            f"task.context_file {str(p)!r} holds no context (no non-blank line). An experience "
+            f"{what} {str(p)!r} holds no context (no non-blank line). An experience "
             "file has one item per line; run `opcd extract` to make one, or give another file."
         )
     return "\n".join(lines)

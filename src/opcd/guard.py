@@ -119,17 +119,20 @@ class CollapseGuard:
             self._pending = (step, self._copy())
         return None
 
-    def after_eval(self, step: int, quality: float | None) -> Alarm | None:
-        """Check an evaluation (without the context) of the weights after ``step`` updates."""
+    def after_eval(self, step: int, quality: float | None, final: bool = False) -> Alarm | None:
+        """Check an evaluation (without the context) of the weights after ``step`` updates;
+        ``final``: the run's last one, held to ``guard.max_final_quality_drop``."""
         if not self.enabled or quality is None:
             return None
         if self.start_quality is None:
             self.start_quality = quality
-        if quality < self.start_quality - self.cfg.max_quality_drop:
+        drop, key = ((self.cfg.max_final_quality_drop, "guard.max_final_quality_drop") if final
+                     else (self.cfg.max_quality_drop, "guard.max_quality_drop"))
+        if quality < self.start_quality - drop:
             return Alarm(step, [
                 f"the answers' quality (how natural the base model finds them given the context) "
-                f"fell from {self.start_quality:.2f} to {quality:.2f} (bound: "
-                f"-{self.cfg.max_quality_drop:g}, guard.max_quality_drop)"])
+                f"fell from {self.start_quality:.2f} to {quality:.2f} (bound: -{drop:g}, {key}"
+                f"{', for the final model' if final else ''})"])
         if self.streak == 0 and step > 0:
             if not self.per_step:
                 self.good = (step, self._copy())

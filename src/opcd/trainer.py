@@ -82,12 +82,14 @@ from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
 from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
+from opcd.tracking import Answers, Trackers, check_report_to, open_trackers
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {
     "train.steps", "train.max_consecutive_skips", "run.save_every", "run.keep_last", "eval.every",
     "run.plot", "guard.action", "guard.max_entropy_rise", "guard.min_topk_mass_ratio",
-    "guard.max_quality_drop", "guard.patience",
+    "guard.max_quality_drop", "guard.max_final_quality_drop", "guard.patience", "run.report_to",
+    "run.tracking_project",
 }
 
 
@@ -187,7 +189,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) ->
 def _only_unstarted_run(run_dir: Path) -> bool:
     """True when ``run_dir`` holds just the config of a run that never finished a step."""
     names = {p.name for p in run_dir.iterdir() if not p.name.startswith((".tmp-", ".write-test"))}
-    if not names or not names <= {"config.yaml", "metrics.jsonl"}:
+    if not names or not names <= {"config.yaml", "metrics.jsonl", "tensorboard", "wandb"}:
         return False
     metrics = run_dir / "metrics.jsonl"
     return not metrics.is_file() or '"type": "train"' not in metrics.read_text(
@@ -202,10 +204,14 @@ class MetricsLog:
     checkpoint is written. On start, :meth:`reset_to` keeps exactly the records that the
     restored checkpoint covers (none on a fresh start) and drops a line torn by a crash, so
     after any number of crashes and resumes every step appears once.
+
+    Every record written also goes to ``trackers`` (``run.report_to``, :mod:`opcd.tracking`),
+    an eval record with its scored answers.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, trackers: Trackers | None = None) -> None:
         self.path = path
+        self.trackers = trackers if trackers is not None else Trackers()
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.is_file():
@@ -235,7 +241,7 @@ class MetricsLog:
         except OSError as e:
             raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], answers: Answers | None = None) -> None:
         line = json.dumps(record) + "\n"
         try:
             with self.path.open("a", encoding="utf-8") as f:
@@ -244,6 +250,7 @@ class MetricsLog:
                 os.fsync(f.fileno())
         except OSError as e:
             raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
+        self.trackers.log(record, answers)
 
     def read(self) -> list[dict[str, Any]]:
         return [rec for _, rec in self._lines()]
@@ -260,9 +267,9 @@ class MainLog(MetricsLog):
         if self.writes:
             super().reset_to(step)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], answers: Answers | None = None) -> None:
         if self.writes:
-            super().write(record)
+            super().write(record, answers)
 
 
 # --------------------------------------------------------------------------- setup
@@ -966,19 +973,21 @@ def train(
     build_task(cfg.task)  # bad data is reported before anything is written
     dist = Dist.from_env()
     check_distributed(cfg, dist)
-    # An unusable folder is reported before loading; only the main process writes it.
-    failure: str | None = None
+    # A missing tracker library or an unusable folder is reported before loading; only the
+    # main process reports to trackers and writes the folder.
+    failure: tuple[str, str] | None = None
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         try:
+            check_report_to(cfg.run.report_to)
             run_dir = prepare_run_dir(cfg, resume, overwrite)
-        except RunFolderError as e:
-            failure = str(e)
+        except (ConfigError, RunFolderError) as e:
+            failure = (type(e).__name__, str(e))
             dist.broadcast(failure)
             raise
     failure = dist.broadcast(failure)
     if failure is not None:
-        raise RunFolderError(failure)
+        raise (ConfigError if failure[0] == "ConfigError" else RunFolderError)(failure[1])
     with StopSignals() as stop:
         return _run(cfg, run_dir, resume, progress, on_eval, stop, dist)
 
@@ -1019,7 +1028,45 @@ def _run(
     if resume:
         trainer._say(f"resumed {run_dir} at step {start}" if start
                      else f"no checkpoint in {run_dir} yet: starting again from step 0")
+    log.trackers = _open_trackers(cfg, run_dir, start, resume, dist)
+    ok = False
+    try:
+        result = _train(cfg, run_dir, trainer, log, start, progress, on_eval, stop, dist)
+        ok = True
+        return result
+    finally:
+        log.trackers.close(ok)
 
+
+def _open_trackers(cfg: Config, run_dir: Path, start: int, resume: bool, dist: Dist) -> Trackers:
+    """``run.report_to``'s trackers on the main process (none elsewhere); a tracker that
+    cannot start stops every process with its ConfigError."""
+    if not cfg.run.report_to:
+        return Trackers()
+    trackers, failure = Trackers(), None
+    if dist.is_main:
+        try:
+            trackers = open_trackers(cfg, run_dir, start, resume)
+        except ConfigError as e:
+            failure = str(e)
+    failure = dist.broadcast(failure)
+    if failure is not None:
+        raise ConfigError(failure)
+    return trackers
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    trainer: Trainer,
+    log: MainLog,
+    start: int,
+    progress: bool,
+    on_eval: Callable[[int, EvalResult], None] | None,
+    stop: StopSignals,
+    dist: Dist,
+) -> TrainResult:
+    """Evaluate, train and evaluate from step ``start``; the final model and the result."""
     guard = CollapseGuard(cfg.guard, [p for p in trainer.student.parameters() if p.requires_grad],
                           log.read() if start else None)
     guard.mark_good(start)
@@ -1029,20 +1076,20 @@ def _run(
                 "n": res.n, "with_context": with_context, "quality": res.quality,
                 "quality_stderr": res.quality_stderr, **res.details}
 
-    def run_eval(step: int) -> tuple[EvalResult, Alarm | None]:
+    def run_eval(step: int, final: bool = False) -> tuple[EvalResult, Alarm | None]:
         res = trainer.evaluate()
-        log.write(eval_record(step, res, False))
+        log.write(eval_record(step, res, False), answers=res.records)
         trainer._say(f"eval @ step {step}: {res.summary()}")
         if on_eval:
             on_eval(step, res)
-        return res, guard.after_eval(step, res.quality)
+        return res, guard.after_eval(step, res.quality, final=final)
 
     stopping = dist.any(stop.signum is not None)  # the same decision on every process
     if start == 0 and not stopping:  # (a signal while loading: stop before evaluating)
         ceiling = None
         if wants_ceiling(cfg):
             ceiling = trainer.evaluate(with_context=True)
-            log.write(eval_record(0, ceiling, True))
+            log.write(eval_record(0, ceiling, True), answers=ceiling.records)
             trainer._say(f"in-context reference: {ceiling.summary()}")
         base, _ = run_eval(0)
         if ceiling is not None and cfg.eval.require_lift and ceiling.score <= base.score:
@@ -1078,7 +1125,7 @@ def _run(
             done = trainer.step >= steps
             stopping = dist.any(stop.signum is not None)
             if alarm is None and (done or (cfg.eval.every and trainer.step % cfg.eval.every == 0)):
-                alarm = run_eval(trainer.step)[1]
+                alarm = run_eval(trainer.step, final=done)[1]
             if alarm is not None:
                 if _collapse_alarm(cfg, log, alarm):
                     break
@@ -1104,6 +1151,10 @@ def _run(
     )
     if alarm is not None:
         raise CollapseError(_collapse_message(cfg, alarm, restored, final), result)
+    if cfg.run.push_to_hub and dist.is_main:  # the model is saved: a failed push only warns
+        from opcd.hub import push_after_training
+
+        push_after_training(run_dir, cfg.run.push_to_hub, cfg.run.hub_private, say=_warn)
     return result
 
 
@@ -1111,7 +1162,7 @@ def wants_ceiling(cfg: Config) -> bool:
     """Whether a run measures the in-context score at its start (``eval.with_context``)."""
     if cfg.eval.with_context is not None:
         return cfg.eval.with_context
-    return cfg.task.name in ("french", "system_prompt", "suite")
+    return cfg.task.name in ("french", "system_prompt", "suite", "knowledge")
 
 
 def _no_lift_message(ceiling: EvalResult, base: EvalResult, run_dir: Path) -> str:

@@ -48,6 +48,8 @@ class RegistryEntry:
     gguf_sha256: str
     gguf_size: int
     parts: tuple[WheelPart, ...]
+    upstream: str | None = None
+    """The Hugging Face hub repo the GGUF was quantized from (a model card's ``base_model``)."""
 
     @property
     def fp32_bytes(self) -> int:
@@ -77,6 +79,7 @@ _SMOLLM2_135M = RegistryEntry(
     params=134_515_008,
     tied_embeddings=True,
     gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     gguf_size=98_362_432,
     parts=(
@@ -95,6 +98,7 @@ _QWEN_CODER_05B = RegistryEntry(
     params=630_167_424,
     tied_embeddings=False,
     gguf_filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     gguf_size=491_400_064,
     parts=_chunked_parts(
@@ -117,6 +121,7 @@ _QWEN_CODER_15B = RegistryEntry(
     params=1_777_088_000,
     tied_embeddings=False,
     gguf_filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
     gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     gguf_size=1_117_320_768,
     parts=_chunked_parts(
