@@ -3,8 +3,9 @@
     python scripts/objectives/table.py [--answers CELL STEP]
 
 One row per cell: the behaviour rate and the quality figure at every evaluation, the largest
-entropy and smallest top-k mass over the steps, and the guard's alarms; then per objective
-the mean over its seeds. ``--answers`` prints one cell's answers at one evaluation.
+entropy and smallest top-k mass over the steps, and the steps at which the collapse guard
+with today's default bounds alarms on the recorded figures; then per objective the mean over
+its seeds. ``--answers`` prints one cell's answers at one evaluation.
 """
 
 from __future__ import annotations
@@ -14,11 +15,31 @@ import statistics
 import sys
 from pathlib import Path
 
+from opcd.guard import CollapseGuard, GuardConfig
+
 OUT = Path("runs/objectives")
 
 
 def _cells() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+
+
+def _replayed_alarms(cell: dict) -> list[int]:
+    """Steps at which the collapse guard, with today's default bounds, would alarm on the
+    cell's recorded figures (cells run before a bound changed were watched with the old one)."""
+    guard = CollapseGuard(GuardConfig(action="warn"), [])
+    evals = {e["step"]: e for e in cell["evals"]}
+    alarms = []
+    if 0 in evals and guard.after_eval(0, evals[0]["quality"]):
+        alarms.append(0)
+    last = max(evals)
+    for m in cell["steps"]:
+        if guard.after_step(m):
+            alarms.append(m["step"])
+        e = evals.get(m["step"])
+        if e is not None and guard.after_eval(m["step"], e["quality"], final=m["step"] == last):
+            alarms.append(m["step"])
+    return alarms
 
 
 def _fmt(e: dict) -> str:
@@ -42,7 +63,7 @@ def main(argv: list[str]) -> None:
         by = {e["step"]: e for e in c["evals"]}
         hs = [s["student_entropy"] for s in c["steps"]]
         ms = [s["student_topk_mass"] for s in c["steps"]]
-        alarms = ",".join(str(g["step"]) for g in c["guard"]) or "-"
+        alarms = ",".join(str(s) for s in _replayed_alarms(c)) or "-"
         print(f"| {c['name']} | " + " | ".join(_fmt(by[s]) if s in by else "" for s in steps)
               + f" | {max(hs):.2f} | {min(ms):.3f} | {alarms} | {c['seconds']:.0f} |")
     ctx = next((c["in_context"] for c in cells if c.get("in_context")), None)
@@ -51,17 +72,27 @@ def main(argv: list[str]) -> None:
               f"quality {ctx['quality']:+.2f} ± {ctx['quality_stderr']:.2f}")
     groups: dict[str, list[dict]] = {}
     for c in cells:
-        groups.setdefault(c["name"].rsplit("-s", 1)[0], []).append(c)
-    print("\n| objective | seeds | final rate | final quality |")
-    print("|---|---|---|---|")
+        if not c["name"].startswith("suite-"):
+            groups.setdefault(c["name"].rsplit("-s", 1)[0], []).append(c)
+    print("\n| objective | seeds | rate at step 4 | final rate (step 8) | final quality | "
+          "runs the guard flagged |")
+    print("|---|---|---|---|---|---|")
     for name, cs in groups.items():
+        at4 = [e for c in cs for e in c["evals"] if e["step"] == 4]
         last = [c["evals"][-1] for c in cs]
-        rate = statistics.mean(e["score"] for e in last)
         qs = [e["quality"] for e in last if e["quality"] is not None]
-        sd = f" ± {statistics.stdev(e['score'] for e in last) * 100:.0f}" if len(last) > 1 else ""
-        print(f"| {name} | {len(cs)} | {rate * 100:.0f}%{sd} | "
-              f"{statistics.mean(qs):+.2f} |" if qs else "| n/a |")
+        flagged = sum(bool(_replayed_alarms(c)) for c in cs)
+        print(f"| {name} | {len(cs)} | {_mean_sd([e['score'] for e in at4])} | "
+              f"{_mean_sd([e['score'] for e in last])} | "
+              f"{f'{statistics.mean(qs):+.2f}' if qs else 'n/a'} | {flagged} of {len(cs)} |")
 
+
+def _mean_sd(rates: list[float]) -> str:
+    """Mean over seeds in percent, ± the standard deviation between seeds."""
+    if not rates:
+        return "n/a"
+    sd = f" ± {statistics.stdev(rates) * 100:.0f}" if len(rates) > 1 else ""
+    return f"{statistics.mean(rates) * 100:.0f}%{sd}"
 
 if __name__ == "__main__":
     main(sys.argv[1:])
