@@ -21,7 +21,8 @@ OUT = Path("runs/objectives")
 
 
 def _cells() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    cells = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    return [c for c in cells if isinstance(c, dict) and "evals" in c]  # (not lift-*.json)
 
 
 def _replayed_alarms(cell: dict) -> list[int]:
