@@ -6,9 +6,9 @@ shapes reads them well below the machine's memory bandwidth. Two kernels lay eac
 out once for a fixed row count and then read it faster: oneDNN's prepacked linear
 (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``) and MKL's packed GEMM
 (``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``). Which one wins, and by how
-much, depends on the CPU (one 2-core EPYC without AVX-512, 8 rows, Qwen2.5-0.5B's MLP matrix:
-plain 9 GB/s, oneDNN 20 GB/s, MKL slower than plain; an earlier one with AVX-512: MKL 18 GB/s
-against plain 11), so :func:`should_pack` asks :mod:`opcd.probe`, which times each once per
+much, depends on the CPU (``benchmarks/micro.py decode``, Qwen2.5-0.5B, 8 rows, one 2-core
+EPYC without AVX-512: a decode step 378 ms plain, 144 ms oneDNN, 323 ms MKL; an earlier one
+with AVX-512: MKL read the weights at 18 GB/s against plain 11), so :func:`should_pack` asks :mod:`opcd.probe`, which times each once per
 machine.
 
 :func:`packed_linears` packs the weight of every fp32 ``nn.Linear`` on the CPU for a fixed
@@ -18,7 +18,7 @@ live); larger products (the prompt read) keep the plain weights. The packed copi
 extra copy of the linear weights while sampling and are freed on exit (handing the freed
 pages back to the system with ``malloc_trim`` made the update slower on this VM, commit
 6142e46; figures in ``benchmarks/results.md``). Packing costs a few decode steps with
-oneDNN (Qwen2.5-0.5B: about 0.5 s) and about a dozen with MKL, so :func:`should_pack` asks
+oneDNN (Qwen2.5-0.5B: 0.6-1.7 s) and about a dozen with MKL, so :func:`should_pack` asks
 for long enough generations (:data:`PACK_MIN_NEW_TOKENS`). Results equal the plain product
 up to float rounding (a different summation order). :func:`opcd.evaluate.evaluate` packs
 once for all its batches (the weights do not change during an evaluation); a ``sample()``
@@ -182,9 +182,10 @@ def packed_linears(model: nn.Module, rows: int, kernel: str | None = None) -> It
     """Within the block, products of at most ``rows`` rows use packed weights (``kernel``:
     ``onednn``, ``mkl``, or None for the fastest on this machine).
 
-    A peft LoRA layer is packed as one matrix, its base weight plus ``scaling * B @ A``: a
-    decode step then costs what the base model's does (Qwen2.5-0.5B, r=16 on every linear
-    layer, 8 rows: 213-228 ms per step with the adapter's own products, 191 ms without). The
+    A peft LoRA layer is packed as one matrix, its base weight plus ``scaling * B @ A``: one
+    product per layer instead of three (Qwen2.5-0.5B, r=16 on every linear
+    layer, 8 rows, ``benchmarks/micro.py decode``: 329 ms per step with the adapter's own
+    products, 191 ms merged). The
     layer falls back to its own forward whenever its adapter is switched off, merged or
     changed inside the block (the frozen teacher scoring with the adapter off).
 

@@ -2,10 +2,10 @@
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix of the model,
 and which way of doing that product is fastest differs between the CPUs this tool meets:
-on one 2-core AMD EPYC without AVX-512, torch's plain fp32 product read Qwen2.5-0.5B's
-weights at 5-10 GB/s, MKL's packed GEMM was slower still and oneDNN's prepacked weights
-reached 17-20 GB/s, while bf16 ran at 2.5 GB/s (no bf16 units); on another one with
-AVX-512 BF16, bf16 was twice as fast as fp32. So nothing is assumed: :func:`product_seconds`
+on one 2-core AMD EPYC without AVX-512 (``benchmarks/micro.py decode``, Qwen2.5-0.5B, 8
+rows) a decode step took 378 ms with torch's plain fp32 product, 323 ms with MKL's packed
+GEMM, 144 ms with oneDNN's prepacked weights and 522 ms from a bf16 copy (no bf16 units);
+on another one with AVX-512 BF16, bf16 was twice as fast as fp32. So nothing is assumed: :func:`product_seconds`
 times one decode-shaped product ``[rows, hidden] @ [4 hidden, hidden]^T`` in each way this
 torch build offers, once per machine, and keeps the figures in
 ``<cache root>/probe.json`` (keyed by the CPU's model name and flags, the torch version, the
