@@ -165,3 +165,49 @@ def test_reuse_takes_the_cells_of_another_table(tiny_model_dir: Path, tmp_path: 
     assert len(json.loads((tmp_path / "c" / "cache.json").read_text())["cells"]) == 1
     with pytest.raises(ConfigError, match="'reuse' must be a list"):
         parse_spec({**second, "reuse": "runs/x"})
+
+
+def test_paired_difference_removes_the_items_difficulty() -> None:
+    from opcd.compare import Cell, paired_difference
+
+    # items of very different difficulty, the row one point above the base on each
+    base = Cell(0.0, 0.0, 4, items={"a": 0.0, "b": 0.2, "c": 0.8, "d": 1.0})
+    row = Cell(0.0, 0.0, 4, items={"a": 0.1, "b": 0.3, "c": 0.9, "d": 1.1, "e": 5.0})
+    mean, se, n = paired_difference(row, base)
+    assert n == 4 and mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    # the difference's error is that of the differences, not of the scores
+    row2 = Cell(0.0, 0.0, 4, items={"a": 0.0, "b": 0.4, "c": 0.8, "d": 1.2})
+    mean, se, n = paired_difference(row2, base)
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.0577350, rel=1e-5)
+    assert paired_difference(Cell(0, 0, 0), base) is None
+
+
+def test_compare_paired_with_a_row(tiny_model_dir: Path, tiny_model_dir_other: Path,
+                                   tmp_path: Path) -> None:
+    task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
+    col = {"name": "system_prompt", "split": "eval", "label": "in-dist",
+           "task": {k: v for k, v in task.items() if k != "name"}}
+    rows = [{"label": "base", "model": str(tiny_model_dir)},
+            {"label": "other", "model": str(tiny_model_dir_other)}]
+    spec = {"tasks": [col], "rows": rows, "eval": {"size": 3, "max_new_tokens": 3, "batch_size": 4},
+            "output": str(tmp_path / "out")}
+    assert compare(spec, progress=False).evaluated == 2
+    cache = json.loads((tmp_path / "out" / "cache.json").read_text())["cells"]
+    # every cell keeps each item's score
+    assert all(len(c["items"]) == 3 for c in cache.values())
+    res = compare({**spec, "paired_with": "base"}, progress=False)
+    assert res.evaluated == 0 and res.paired_with == "base"
+    md = res.markdown.read_text()
+    assert "Paired difference to 'base'" in md
+    line = next(x for x in md.splitlines() if x.startswith("| other |") and "(n=3)" in x)
+    a, b = res.cells["other"]["in-dist"], res.cells["base"]["in-dist"]
+    assert f"{a.score - b.score:+.3f}" in line  # same items: the mean difference of the means
+    # a cache from before per-item scores were kept: those cells are evaluated again
+    for c in cache.values():
+        del c["items"]
+    data = json.loads((tmp_path / "out" / "cache.json").read_text())
+    data["cells"] = cache
+    (tmp_path / "out" / "cache.json").write_text(json.dumps(data))
+    assert compare({**spec, "paired_with": "base"}, progress=False).evaluated == 2
+    with pytest.raises(ConfigError, match="paired_with 'nobody' is not a row label"):
+        parse_spec({**spec, "paired_with": "nobody"})

@@ -2,34 +2,45 @@
 with the given config overrides, every evaluation's answers kept.
 
     python scripts/objectives/run.py NAME [key=value ...]
+    python scripts/objectives/run.py --minimal NAME task.behaviour=... [key=value ...]
 
 Writes runs/objectives/NAME/ (the run folder) and runs/objectives/NAME.json: every
 evaluation's behaviour rate, quality figure and answers, the per-step figures, and whether
 the collapse guard fired. A finished cell is skipped when run again (delete its JSON to
 redo it). Base config: the demo's (src/opcd/configs/demo.yaml) with guard.action=warn, so
-that a breaking run is seen to its end.
+that a breaking run is seen to its end. ``--minimal``: instead, the issue's "config holding
+only model, context, prompts and behaviour" (the packaged model, ``task.name: suite``, every
+other setting opcd's default), guard as by default. The run folder's weights are deleted
+once the JSON is written (a cell is ~2.5 GB of weights; its metrics.jsonl is kept).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from opcd.config import load_config
+from opcd.config import config_from_dict, load_config
 from opcd.demo import DEMO_CONFIG
 from opcd.trainer import train
 
 OUT = Path("runs/objectives")
 
 
-def main(name: str, overrides: list[str]) -> None:
+MINIMAL = {"model": "qwen2.5-coder-0.5b-instruct", "task": {"name": "suite"}}
+
+
+def main(name: str, overrides: list[str], minimal: bool = False) -> None:
     out = OUT / f"{name}.json"
     if out.is_file():
         print(f"{out} exists: skipped")
         return
-    cfg = load_config(DEMO_CONFIG, ["guard.action=warn", f"run.dir={OUT / name}", *overrides])
+    if minimal:
+        cfg = config_from_dict(MINIMAL, [f"run.dir={OUT / name}", *overrides])
+    else:
+        cfg = load_config(DEMO_CONFIG, ["guard.action=warn", f"run.dir={OUT / name}", *overrides])
     evals: list[dict] = []
 
     def keep(step: int, res) -> None:  # noqa: ANN001 - an EvalResult
@@ -42,15 +53,19 @@ def main(name: str, overrides: list[str]) -> None:
     recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     ctx = [r for r in recs if r["type"] == "eval" and r["with_context"]]
     out.write_text(json.dumps({
-        "name": name, "overrides": overrides, "seconds": round(time.perf_counter() - t0, 1),
+        "name": name, "overrides": overrides, "minimal": minimal, "seconds": round(time.perf_counter() - t0, 1),
         "in_context": ctx[0] if ctx else None, "evals": evals,
         "steps": [{k: r[k] for k in ("step", "loss", "reverse_kl", "student_entropy",
                                      "student_topk_mass", "time_step")}
                   for r in recs if r["type"] == "train"],
         "guard": [r for r in recs if r["type"] == "guard"],
     }, indent=1, ensure_ascii=False))
+    for heavy in ("final", "checkpoints"):  # the weights: kept only while the cell runs
+        shutil.rmtree(res.run_dir / heavy, ignore_errors=True)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    flag = args[:1] == ["--minimal"]
+    main(args[flag], args[flag + 1:], minimal=flag)

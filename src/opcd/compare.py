@@ -15,6 +15,7 @@ A spec (YAML file or dict) names the columns, the rows and the evaluation settin
     eval: {size: 100, max_new_tokens: 256, temperature: 1.0, seed: 1234, batch_size: 16}
     output: runs/compare
     reuse: [runs/compare-math]    # optional: take cells other tables already evaluated
+    paired_with: base             # optional: every other row's difference to this row
 
 A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context), and its
 ``eval`` overrides the table's ``eval`` settings for that column (a short verdict needs fewer
@@ -25,7 +26,14 @@ Every cell is :func:`opcd.evaluate.evaluate` (mean ± standard error) and is cac
 ``<output>/cache.json`` under a hash of (model weights, task settings, context, split,
 with_context, eval settings): rerunning a comparison, or adding a row, only evaluates the
 new cells. ``reuse`` names other comparisons' output folders whose cached cells count as
-this table's (the key is the same computation, so a cell is only ever evaluated once). Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
+this table's (the key is the same computation, so a cell is only ever evaluated once).
+
+``paired_with`` names a row (the base model, usually); every other row then also gets, per
+column, its *paired* difference to that row: the mean over the items both cells scored of
+(row's score - that row's score), with the standard error of those differences. Every cell
+draws each item's answer from the same seed on the same prompt, so the per-item
+differences remove the items' own difficulty from the error: a change too small to show
+between two independent means shows here (see :func:`paired_difference`). Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
 held-out score against step from each row's run folder ``metrics.jsonl``).
 """
 
@@ -82,6 +90,21 @@ class Cell:
     cached: bool = False
     details: dict[str, float] = field(default_factory=dict)
     """The task's extra figures (refusal rates, invalid moves, ...)."""
+    items: dict[str, float] = field(default_factory=dict)
+    """Each item's score by item id (for paired differences; empty in caches written
+    before they were kept, which are then evaluated again when a pairing needs them)."""
+
+
+def paired_difference(a: Cell, b: Cell) -> tuple[float, float, int] | None:
+    """Mean and standard error of ``a``'s minus ``b``'s score over the items both scored,
+    and their number; None when they share fewer than two items."""
+    from opcd.evaluate import mean_stderr
+
+    common = sorted(set(a.items) & set(b.items))
+    if len(common) < 2:
+        return None
+    mean, se = mean_stderr([a.items[i] - b.items[i] for i in common])
+    return mean, se, len(common)
 
 
 @dataclass
@@ -96,6 +119,8 @@ class CompareResult:
     plot: Path | None
     evaluated: int
     """Cells evaluated now (the others came from the cache)."""
+    paired_with: str | None = None
+    """The row every other row's paired difference is taken to (None: no pairing)."""
 
 
 # --------------------------------------------------------------------------- spec
@@ -116,7 +141,7 @@ def _check_keys(d: Any, allowed: set[str], where: str) -> dict[str, Any]:
 
 def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str, Any], Path]:
     """Validate a spec: (columns, rows, eval settings, output folder)."""
-    spec = _check_keys(spec, {"tasks", "rows", "eval", "output", "reuse"}, "the spec")
+    spec = _check_keys(spec, {"tasks", "rows", "eval", "output", "reuse", "paired_with"}, "the spec")
     reuse = spec.get("reuse") or []
     if not isinstance(reuse, list) or not all(isinstance(x, str) for x in reuse):
         raise ConfigError("compare spec: 'reuse' must be a list of output folders of other comparisons.")
@@ -153,6 +178,10 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ConfigError(f"compare spec: {what} labels must be unique; repeated: {dup}.")
+    paired = spec.get("paired_with")
+    if paired is not None and paired not in [r.label for r in rows]:
+        raise ConfigError(f"compare spec: paired_with {paired!r} is not a row label; the rows are "
+                          f"{[r.label for r in rows]}.")
     ev = _check_keys(spec.get("eval") or {}, set(EVAL_DEFAULTS), "eval")
     settings = {**EVAL_DEFAULTS, **ev}
     return columns, rows, settings, Path(spec.get("output") or "runs/compare")
@@ -288,7 +317,8 @@ def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
                    size=settings["size"], max_new_tokens=settings["max_new_tokens"],
                    temperature=settings["temperature"], seed=settings["seed"],
                    batch_size=settings["batch_size"])
-    return Cell(res.score, res.stderr, res.n, details=dict(res.details))
+    return Cell(res.score, res.stderr, res.n, details=dict(res.details),
+                items={str(r["id"]): float(r["score"]) for r in res.records})
 
 
 def compare(
@@ -305,6 +335,7 @@ def compare(
 
     data = read_yaml(spec) if isinstance(spec, (str, Path)) else spec
     columns, rows, settings, out = parse_spec(data)
+    paired = data.get("paired_with")
     if output is not None:
         out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,10 +374,13 @@ def compare(
             hit = cache.cells.get(key)
             if hit is None and key in borrowed:
                 hit = cache.cells[key] = borrowed[key]
+            if paired and not (hit or {}).get("items"):
+                hit = None  # a pairing needs each item's score: older cells are redone
             if isinstance(hit, dict) and {"score", "stderr", "n"} <= set(hit):
                 cells[row.label][col.label] = Cell(
                     float(hit["score"]), float(hit["stderr"]), int(hit["n"]), cached=True,
-                    details={k: float(v) for k, v in (hit.get("details") or {}).items()})
+                    details={k: float(v) for k, v in (hit.get("details") or {}).items()},
+                    items={str(k): float(v) for k, v in (hit.get("items") or {}).items()})
             else:
                 plan.setdefault(row.label, []).append((col, task_cfg, key))
     evaluated = 0
@@ -368,7 +402,8 @@ def compare(
             cell = _default_evaluator(model, tok, tasks[tkey], row, col, col.settings(settings))
             cells[row.label][col.label] = cell
             cache.cells[key] = {"score": cell.score, "stderr": cell.stderr, "n": cell.n,
-                                "details": cell.details, "row": row.label, "model": row.model,
+                                "details": cell.details, "items": cell.items,
+                                "row": row.label, "model": row.model,
                                 "task": col.label}
             cache.save()  # every finished cell survives an interruption
             evaluated += 1
@@ -377,10 +412,10 @@ def compare(
         gc.collect()
     cache.save()
     md_path, csv_path = out / "results.md", out / "results.csv"
-    ckpt.atomic_write_text(md_path, format_markdown(rows, columns, cells, settings))
+    ckpt.atomic_write_text(md_path, format_markdown(rows, columns, cells, settings, paired))
     ckpt.atomic_write_text(csv_path, format_csv(rows, columns, cells))
     plot = plot_runs(rows, out / "training.png")
-    return CompareResult(rows, columns, cells, md_path, csv_path, plot, evaluated)
+    return CompareResult(rows, columns, cells, md_path, csv_path, plot, evaluated, paired)
 
 
 def _context_note(row: Row) -> str:
@@ -392,8 +427,9 @@ def _context_note(row: Row) -> str:
 
 
 def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dict[str, Cell]],
-                    settings: dict[str, Any]) -> str:
-    """The table in Markdown: one row per model, one column per task/split, mean ± s.e."""
+                    settings: dict[str, Any], paired_with: str | None = None) -> str:
+    """The table in Markdown: one row per model, one column per task/split, mean ± s.e.;
+    with ``paired_with``, a second table of each row's paired difference to that row."""
     head = ["row", "model", "context", *[c.label for c in columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -405,6 +441,22 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
         lines.append("| " + " | ".join([r.label, f"`{model}`", _context_note(r), *vals]) + " |")
     where = ", ".join(f"{c.label} = {c.name}/{c.split}" for c in columns)
     lines += ["", _settings_note(columns, settings, where)]
+    if paired_with is not None:
+        lines += ["", f"Paired difference to {paired_with!r} (mean over the items both scored of "
+                  "the row's score minus its score, ± the standard error of the differences; "
+                  "* where it is more than 2 standard errors from 0):", "",
+                  "| row | " + " | ".join(c.label for c in columns) + " |",
+                  "|" + "---|" * (len(columns) + 1)]
+        for r in rows:
+            if r.label == paired_with:
+                continue
+            vals = []
+            for c in columns:
+                a, b = cells[r.label].get(c.label), cells[paired_with].get(c.label)
+                d = paired_difference(a, b) if a and b else None
+                vals.append("-" if d is None else
+                            f"{d[0]:+.3f} ± {d[1]:.3f}{' *' if abs(d[0]) > 2 * d[1] else ''} (n={d[2]})")
+            lines.append("| " + " | ".join([r.label, *vals]) + " |")
     for c in columns:  # the tasks' own figures, one table per column that has any
         keys = sorted({k for r in rows for k in (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
         if not keys:
