@@ -3,6 +3,7 @@ with the given config overrides, every evaluation's answers kept.
 
     python scripts/objectives/run.py NAME [key=value ...]
     python scripts/objectives/run.py --minimal NAME task.behaviour=... [key=value ...]
+    python scripts/objectives/run.py --minimal --keep-final NAME ...   # final/ kept (for compare)
 
 Writes runs/objectives/NAME/ (the run folder) and runs/objectives/NAME.json: every
 evaluation's behaviour rate, quality figure and answers, the per-step figures, and whether
@@ -11,7 +12,8 @@ redo it). Base config: the demo's (src/opcd/configs/demo.yaml) with guard.action
 that a breaking run is seen to its end. ``--minimal``: instead, the issue's "config holding
 only model, context, prompts and behaviour" (the packaged model, ``task.name: suite``, every
 other setting opcd's default), guard as by default. The run folder's weights are deleted
-once the JSON is written (a cell is ~2.5 GB of weights; its metrics.jsonl is kept).
+once the JSON is written (a cell is ~2.5 GB of weights; its metrics.jsonl is kept), but for
+``final/`` with ``--keep-final`` (the model an out-of-distribution comparison evaluates).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ OUT = Path("runs/objectives")
 MINIMAL = {"model": "qwen2.5-coder-0.5b-instruct", "task": {"name": "suite"}}
 
 
-def main(name: str, overrides: list[str], minimal: bool = False) -> None:
+def main(name: str, overrides: list[str], minimal: bool = False, keep_final: bool = False) -> None:
     out = OUT / f"{name}.json"
     if out.is_file():
         print(f"{out} exists: skipped")
@@ -60,12 +62,12 @@ def main(name: str, overrides: list[str], minimal: bool = False) -> None:
                   for r in recs if r["type"] == "train"],
         "guard": [r for r in recs if r["type"] == "guard"],
     }, indent=1, ensure_ascii=False))
-    for heavy in ("final", "checkpoints"):  # the weights: kept only while the cell runs
+    for heavy in ("checkpoints",) if keep_final else ("final", "checkpoints"):  # the weights: kept only while the cell runs
         shutil.rmtree(res.run_dir / heavy, ignore_errors=True)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    flag = args[:1] == ["--minimal"]
-    main(args[flag], args[flag + 1:], minimal=flag)
+    flags = {"--minimal", "--keep-final"}
+    args = [a for a in sys.argv[1:] if a not in flags]
+    main(args[0], args[1:], minimal="--minimal" in sys.argv, keep_final="--keep-final" in sys.argv)

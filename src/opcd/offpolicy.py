@@ -45,7 +45,7 @@ from opcd.errors import ConfigError
 from opcd.scoring import pack, response_hidden
 from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
-from opcd.trainer import Trainer, non_finite_reason
+from opcd.trainer import Trainer
 
 RESPONSES_FILE = "teacher_responses.jsonl"
 
@@ -318,13 +318,7 @@ class OffPolicyTrainer(Trainer):
             for key, value in stats.items():
                 sums[key] += float(value.sum())
             del loss, stats
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.student.parameters() if p.requires_grad], cfg.train.max_grad_norm
-        ))
-        skip_reason = non_finite_reason(sums["loss"], grad_norm)
-        if skip_reason is None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skip_reason = self.optimizer_step(sums["loss"])
         t_update = time.perf_counter() - t_update_start
         self.step += 1
         elapsed = time.perf_counter() - t0

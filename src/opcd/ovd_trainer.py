@@ -51,7 +51,7 @@ from opcd.ovd import (
 )
 from opcd.scoring import pack, response_hidden
 from opcd.tasks.base import Example, Task
-from opcd.trainer import Trainer, non_finite_reason
+from opcd.trainer import Trainer
 
 OUTCOME_TASKS = frozenset({"math", "gsm8k", "frozenlake", "sokoban", "safety"})
 """Built-in tasks whose ``score`` is an outcome reward (exact match, success, a verdict)."""
@@ -228,13 +228,7 @@ class OvdTrainer(Trainer):
             loss_sum += float(loss.detach())
             clipped += float(clip.sum())
             del logp, per_token, loss
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.student.parameters() if p.requires_grad], cfg.train.max_grad_norm
-        ))
-        skip_reason = non_finite_reason(loss_sum, grad_norm)
-        if skip_reason is None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skip_reason = self.optimizer_step(loss_sum)
         return _Update(loss_sum, clipped, total_tokens, grad_norm, skip_reason,
                        time.perf_counter() - t0)
 

@@ -636,17 +636,8 @@ class Trainer:
                 sums["s_mass"] += float(tl.student_topk_mass.sum())
                 sums["t_mass"] += float(tl.teacher_topk_mass.sum())
             del student_logits, s_flat, t_flat, tl, per_token, loss
-        trainable = [p for p in self.student.parameters() if p.requires_grad]
-        self.dist.sum_gradients(trainable)
         sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
-        grad_norm = clip_gradients(trainable, cfg.train.max_grad_norm)
-        # A non-finite loss or gradient norm would poison the weights and AdamW's moments:
-        # that update is dropped (gradients cleared, no optimiser step) and reported.
-        skip_reason = non_finite_reason(sums["loss"], grad_norm)
-        if skip_reason is None:
-            self.optimizer.step()
-            self._sync_backend()  # the next rollout samples the new weights
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skip_reason = self.optimizer_step(sums["loss"])
         t_update = time.perf_counter() - t_update_start - t_teacher
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -669,6 +660,25 @@ class Trainer:
             **self.step_record_tail(idx, elapsed, total_tokens,
                                     roll.texts[0] if roll.texts else "", skip_reason),
         }
+
+    def optimizer_step(self, loss: float) -> tuple[float, str | None]:
+        """The one update every method ends its step with, after its backward passes: sum
+        the gradients over processes, clip their global norm (FSDP-aware), step the
+        optimiser unless the loss or the norm is not finite, clear the gradients, and let
+        the rollout backend sample the new weights. Returns (the norm before clipping, why
+        the update was skipped or None).
+
+        A non-finite loss or gradient norm would poison the weights and AdamW's moments:
+        that update is dropped (gradients cleared, no optimiser step) and reported."""
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.dist.sum_gradients(trainable)
+        grad_norm = clip_gradients(trainable, self.cfg.train.max_grad_norm)
+        skip_reason = non_finite_reason(loss, grad_norm)
+        if skip_reason is None:
+            self.optimizer.step()
+            self._sync_backend()  # the next rollout samples the new weights
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skip_reason
 
     def step_record_tail(self, idx: list[int], elapsed: float, tokens: float, sample: str,
                          skip_reason: str | None) -> dict[str, Any]:
