@@ -307,8 +307,6 @@ def _cell_task(col: Column, row: Row, batch_size: int) -> tuple[Any, dict[str, A
     return cfg.task, ident
 
 
-
-
 def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
                        settings: dict[str, Any]) -> Cell:
     from opcd.evaluate import evaluate
