@@ -679,3 +679,26 @@ def test_bad_arguments_raise_helpful_value_errors() -> None:
         reduce_token_loss(z, z > 0, total_tokens=0)
     with pytest.raises(ValueError, match=r"shape mismatch"):
         sampled_token_loss(z[0], z[0], z[0, :3])
+
+
+def test_chunked_equals_one_call_and_records_each_chunk_once() -> None:
+    from opcd.losses import chunked
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (11,))
+
+    def logp(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        z = head(h).log_softmax(-1)
+        return z.gather(-1, t[:, None])[:, 0], h.shape[0]
+
+    whole, aux = chunked(logp, hidden, ids, chunk_size=None)
+    (g_whole,) = torch.autograd.grad(whole.sum(), hidden)
+    parts, sizes = chunked(logp, hidden, ids, chunk_size=4)
+    (g_parts,) = torch.autograd.grad(parts.sum(), hidden)  # the backward recomputes each chunk
+    assert aux == [11] and sizes == [4, 4, 3]  # recorded in the forward pass only
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(g_parts, g_whole)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        chunked(logp, hidden, ids, chunk_size=0)

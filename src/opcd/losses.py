@@ -897,6 +897,46 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*scaled, None, None, None, None, None, None, None, None)
 
 
+def chunked(
+    fn: Callable[..., tuple[Tensor, Any]], *token_args: Tensor | None, chunk_size: int | None,
+) -> tuple[Tensor, list[Any]]:
+    """``fn`` over the tokens ``chunk_size`` at a time, recomputed in the backward pass.
+
+    ``fn(*args) -> (per_token [n], aux)`` gets each argument's rows of one chunk (``None``
+    arguments stay ``None``) and typically projects hidden states through the output head:
+    only one chunk's ``[n, V]`` logits exist at a time, in the forward pass and again in the
+    backward pass (activation checkpointing). Returns the per-token values of all tokens
+    (differentiable) and each chunk's ``aux`` from the forward pass (the backward's
+    recomputation does not add to it). ``chunk_size`` None: one call, no recomputation.
+    This is the one chunked output head of opcd: the on-policy objectives with a callable
+    head (a LoRA-wrapped one), the off-policy baseline and OVD run through it.
+    """
+    if chunk_size is None:
+        out, aux = fn(*token_args)
+        return out, [aux]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    from torch.utils.checkpoint import checkpoint
+
+    auxes: list[Any] = []
+    recording = [True]
+
+    def one(*args: Tensor | None) -> Tensor:
+        out, aux = fn(*args)
+        if recording[0]:
+            auxes.append(aux)
+        return out
+
+    n = next(a.shape[0] for a in token_args if a is not None)
+    outs = [checkpoint(one, *(None if a is None else a[s:s + chunk_size] for a in token_args),
+                       use_reentrant=False)
+            for s in range(0, n, chunk_size)]
+    recording[0] = False
+    if not outs:
+        return fn(*(None if a is None else a[:0] for a in token_args))[0], auxes
+    return torch.cat(outs), auxes
+
+
 def chunked_distill_loss(
     student_hidden: Tensor,
     student_head: Tensor | Callable[[Tensor], Tensor],
@@ -971,24 +1011,13 @@ def chunked_distill_loss(
         )
         return loss, _cat_tokens(parts, student_hidden)
 
-    from torch.utils.checkpoint import checkpoint
-
-    def one_chunk(hs: Tensor, ht: Tensor, w: Tensor, samp: Tensor | None) -> Tensor:
+    def one_chunk(hs: Tensor, ht: Tensor, w: Tensor, samp: Tensor | None) -> tuple[Tensor, TokenLoss]:
         with torch.no_grad():
             z_t = _project(ht, teacher_head, teacher_bias)
         tl = fn(_project(hs, student_head, student_bias), z_t, samp)
-        if not parts_done[0]:
-            parts.append(tl)
-        return (tl.loss * w.to(tl.loss.dtype)).sum()
+        return (tl.loss * w.to(tl.loss.dtype)).sum()[None], tl
 
-    parts_done = [False]  # the recomputation in backward must not record metrics again
-    total = student_hidden.new_zeros((), dtype=_upcast(student_hidden).dtype)
-    for s in range(0, student_hidden.shape[0], chunk_size):
-        e = min(s + chunk_size, student_hidden.shape[0])
-        samp = None if sampled is None else sampled[s:e]
-        total = total + checkpoint(
-            one_chunk, student_hidden[s:e], teacher_hidden[s:e], token_weights[s:e].detach(), samp,
-            use_reentrant=False,
-        )
-    parts_done[0] = True
+    sums, parts = chunked(one_chunk, student_hidden, teacher_hidden, token_weights.detach(), sampled,
+                          chunk_size=chunk_size)
+    total = sums.sum() if sums.numel() else student_hidden.new_zeros((), dtype=_upcast(student_hidden).dtype)
     return total, _cat_tokens(parts, student_hidden)

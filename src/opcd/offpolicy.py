@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from opcd import checkpoint as ckpt
 from opcd import losses, rollout
@@ -254,28 +253,20 @@ class OffPolicyTrainer(Trainer):
         chunk and recomputed in the backward pass when perf.chunked_loss)."""
         cfg = self.cfg
         head = self.student.get_output_embeddings()
-        stats_parts: list[dict[str, Tensor]] = []
 
-        def part(h: Tensor, ti: Tensor, tl: Tensor, tok: Tensor, w: Tensor) -> Tensor:
+        def part(h: Tensor, ti: Tensor, tl: Tensor, tok: Tensor, w: Tensor
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
             loss, stats = offpolicy_token_loss(
                 head(h).float(), ti, tl, tok, objective=cfg.offpolicy.loss,
                 temperature=cfg.rollout.temperature, renormalize=cfg.loss.renormalize,
                 tail=cfg.loss.tail,
             )
-            stats_parts.append(stats)  # (backward's recomputation appends after we read)
-            return (loss * w).sum()
+            return (loss * w).sum()[None], stats
 
-        if not cfg.perf.chunked_loss:
-            total = part(hidden, t_ids, t_logp, tokens, weights)
-        else:
-            size = cfg.perf.loss_chunk_tokens
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for s in range(0, hidden.shape[0], size):
-                sl = slice(s, s + size)
-                total = total + checkpoint(part, hidden[sl], t_ids[sl], t_logp[sl], tokens[sl],
-                                           weights[sl], use_reentrant=False)
-        first = list(stats_parts)
-        return total, {key: torch.cat([p[key] for p in first]) for key in first[0]}
+        sums, parts = losses.chunked(
+            part, hidden, t_ids, t_logp, tokens, weights,
+            chunk_size=cfg.perf.loss_chunk_tokens if cfg.perf.chunked_loss else None)
+        return sums.sum(), {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def train_step(self) -> dict[str, Any]:
         """One off-policy step: the teacher's responses for this step's prompts (generated

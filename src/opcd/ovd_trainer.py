@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from opcd import losses, rollout
 from opcd.chat import student_messages, teacher_messages
@@ -188,17 +187,12 @@ class OvdTrainer(Trainer):
         head = self.student.get_output_embeddings()
         T = self.cfg.rollout.temperature
 
-        def part(h: Tensor, t: Tensor) -> Tensor:
+        def part(h: Tensor, t: Tensor) -> tuple[Tensor, None]:
             logits = head(h).float() / T
-            return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
+            return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1), None
 
-        if not self.cfg.perf.chunked_loss:
-            return part(hidden, ids)
-        size = self.cfg.perf.loss_chunk_tokens
-        return torch.cat([
-            checkpoint(part, hidden[s : s + size], ids[s : s + size], use_reentrant=False)
-            for s in range(0, hidden.shape[0], size)
-        ])
+        return losses.chunked(part, hidden, ids, chunk_size=self.cfg.perf.loss_chunk_tokens
+                              if self.cfg.perf.chunked_loss else None)[0]
 
     def _update(self, prompts: Sequence[list[int]], responses: Sequence[list[int]], adv: Tensor) -> _Update:
         """One clipped policy-gradient step on rows (prompt ids, response ids, advantage),
