@@ -3,14 +3,28 @@
 # behaviour only (run.py --minimal: full fine-tuning, lr 5e-6, forward KL over the union
 # top-256 + rest bucket, 8 prompts x 64-token answers a step, evaluation on 32 held-out
 # prompts x 48 tokens), on the suite's four behaviours that a 0.5B model follows in context
-# (docs/objectives.md), then the out-of-distribution checks, paired against the base.
-# Each cell ~50 s a step on the 2-core CPU; a finished cell or compare cell is skipped.
+# (docs/objectives.md), and the out-of-distribution checks, paired against the base. The
+# comparisons run on the students that exist so far (their cells are cached, so a later
+# run only adds the new students). ~50 s a training step on the 2-core CPU; finished cells
+# are skipped.
 set -u
 cd "$(dirname "$0")/../.."
 cell() { python scripts/objectives/run.py --minimal --keep-final "$@"; }
+ood() {  # both comparisons, on the rows whose model exists
+  for spec in ood_behaviours ood_gsm8k; do
+    python - "$spec" <<'PY'
+import sys, yaml
+from pathlib import Path
+spec = yaml.safe_load(Path(f"scripts/objectives/{sys.argv[1]}.yaml").read_text())
+spec["rows"] = [r for r in spec["rows"] if "/" not in r["model"] or Path(r["model"]).is_dir()]
+Path(f"runs/objectives/{sys.argv[1]}.now.yaml").write_text(yaml.safe_dump(spec))
+PY
+    opcd compare "runs/objectives/$spec.now.yaml"
+  done
+}
 cell min-spanish-s0 task.behaviour=spanish_replies train.steps=32 eval.every=8
+ood
 for b in greeting bullet_points json_api; do
   cell "min-$b-s0" "task.behaviour=$b" train.steps=16 eval.every=8
 done
-opcd compare scripts/objectives/ood_behaviours.yaml
-opcd compare scripts/objectives/ood_gsm8k.yaml
+ood

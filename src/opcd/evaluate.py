@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from opcd import rollout
 from opcd.chat import encode_chat, student_messages, teacher_messages
 from opcd.errors import ConfigError, RunFolderError
+from opcd.jsonl import HeaderMismatch, JsonlFile
 from opcd.multiturn import is_multiturn, play
 from opcd.packing import packed_linears, should_pack
 from opcd.tasks.base import Task, derive_seed
@@ -150,6 +150,8 @@ class RecordsFile:
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
         self.path = Path(path)
         self.settings = settings
+        self.file = JsonlFile(self.path, kind="opcd_eval", settings=settings,
+                              on_write_error=self._write_error)
 
     def load(self) -> dict[str, dict[str, Any]]:
         """Records already written (by id); writes the header into a new file.
@@ -157,71 +159,44 @@ class RecordsFile:
         A file written with other settings is refused (its records would not be the ones
         these settings give); a line torn by a crash is dropped.
         """
-        from opcd import checkpoint as ckpt
-
-        header = {"opcd_eval": 1, "settings": self.settings}
         try:
-            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        except (OSError, UnicodeDecodeError) as e:
+            found = self.file.load()
+        except OSError as e:
             raise ConfigError(f"Eval records file {str(self.path)!r} cannot be read ({e}).") from None
-        lines = [x for x in text.split("\n") if x.strip()]
-        parsed: list[tuple[str, Any]] = []
-        for line in lines:
-            try:
-                parsed.append((line, json.loads(line)))
-            except ValueError:
-                continue  # torn by a crash
-        if not parsed:
-            self._write(lambda: ckpt.atomic_write_text(self.path, json.dumps(header) + "\n"))
-            return {}
-        first = parsed[0][1]
-        if not isinstance(first, dict) or first.get("opcd_eval") != 1:
-            raise ConfigError(
-                f"{str(self.path)!r} is not an opcd eval records file (no header line). Pass "
-                "another path, or delete the file."
-            )
-        if first.get("settings") != self.settings:
-            old = first.get("settings") if isinstance(first.get("settings"), dict) else {}
-            diff = sorted(k for k in self.settings if old.get(k) != self.settings[k])
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.settings[k]!r}" for k in diff[:5])
+        except HeaderMismatch as e:
+            if e.foreign:
+                raise ConfigError(
+                    f"{str(self.path)!r} is not an opcd eval records file (no header line). Pass "
+                    "another path, or delete the file."
+                ) from None
+            shown = ", ".join(f"{k}: {e.old.get(k)!r} -> {self.settings.get(k)!r}" for k in e.changed[:5])
             raise ConfigError(
                 f"Eval records file {str(self.path)!r} was written by an evaluation with other "
                 f"settings ({shown}). Use the same settings, another path, or delete the file."
-            )
+            ) from None
         done: dict[str, dict[str, Any]] = {}
-        kept = [parsed[0][0]]
-        for line, rec in parsed[1:]:
+        kept = [json.dumps(self.file.header(), ensure_ascii=False)]
+        for line, rec in found:
             if _valid_record(rec) and rec["id"] not in done:
                 done[rec["id"]] = rec
                 kept.append(line)
-        if len(kept) != len(lines) or not text.endswith("\n"):
+        if not self.file.is_clean(len(kept)):
             # drop torn or foreign lines, so that appends start on a fresh line
-            self._write(lambda: ckpt.atomic_write_text(self.path, "".join(x + "\n" for x in kept)))
+            self.file.rewrite(kept)
         return done
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append one batch's records in a single write, flushed and fsynced."""
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        self.file.append(records)
 
-        def write() -> None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        self._write(write)
-
-    def _write(self, fn: Any) -> None:
+    def _write_error(self, e: OSError) -> Exception:
         from opcd import checkpoint as ckpt
 
-        try:
-            fn()
-        except OSError as e:
-            raise RunFolderError(
-                f"Could not write the eval records file {str(self.path)!r}: "
-                f"{ckpt.os_error_text(e)}. Free disk space or choose another path; the records "
-                "already written are kept and a new run with the same settings continues them."
-            ) from None
+        return RunFolderError(
+            f"Could not write the eval records file {str(self.path)!r}: "
+            f"{ckpt.os_error_text(e)}. Free disk space or choose another path; the records "
+            "already written are kept and a new run with the same settings continues them."
+        )
 
 
 def _valid_record(rec: Any) -> bool:

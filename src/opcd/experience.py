@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from opcd.errors import ConfigError, DataError
+from opcd.jsonl import HeaderMismatch, JsonlFile
 
 EXTRACT_PROMPT = (
     "You are keeping a short list of general, reusable insights for solving problems of "
@@ -272,42 +272,25 @@ class _Trace:
         self.path, self.settings = path, settings
 
     def load(self) -> list[dict[str, Any]]:
-        from opcd import checkpoint as ckpt
-
-        header = {"opcd_extract": 1, "settings": self.settings}
-        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        recs: list[dict[str, Any]] = []
-        lines: list[str] = []
-        for line in text.split("\n"):
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except ValueError:
-                rec = None  # torn by a crash
-            if isinstance(rec, dict):
-                recs.append(rec)
-                lines.append(line)
-        if not recs:
-            ckpt.atomic_write_text(self.path, json.dumps(header) + "\n")
-            return []
-        if recs[0].get("opcd_extract") != 1:
-            raise ConfigError(f"{str(self.path)!r} is not an opcd extraction trace; choose another extract.dir.")
-        if recs[0].get("settings") != json.loads(json.dumps(self.settings)):
-            old = recs[0].get("settings") or {}
-            diff = sorted(k for k in self.settings if old.get(k) != self.settings[k])
+        file = JsonlFile(self.path, kind="opcd_extract", settings=self.settings)
+        try:
+            found = file.load()
+        except HeaderMismatch as e:
+            if e.foreign:
+                raise ConfigError(
+                    f"{str(self.path)!r} is not an opcd extraction trace; choose another extract.dir."
+                ) from None
             raise ConfigError(
                 f"{str(self.path)!r} was written by an extraction with other settings "
-                f"({', '.join(diff[:6]) or 'unknown'}). Use the same settings to continue it, "
+                f"({', '.join(e.changed[:6]) or 'unknown'}). Use the same settings to continue it, "
                 "another extract.dir, or --overwrite to start again."
-            )
-        if len(lines) != len([x for x in text.split("\n") if x.strip()]) or not text.endswith("\n"):
-            ckpt.atomic_write_text(self.path, "".join(x + "\n" for x in lines))
-        return recs[1:]
+            ) from None
+        if not file.is_clean(len(found) + 1):
+            file.rewrite([json.dumps(file.header(), ensure_ascii=False), *(line for line, _ in found)])
+        return [rec for _, rec in found]
 
     def append(self, rec: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        JsonlFile(self.path).append([rec])
 
 
 def _generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, seed: int,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from opcd import checkpoint as ckpt
 from opcd import losses, rollout
 from opcd.distributed import Dist
 from opcd.errors import ConfigError
+from opcd.jsonl import HeaderMismatch, JsonlFile
 from opcd.scoring import pack, response_hidden
 from opcd.tasks.base import derive_seed
 from opcd.teacher import Teacher
@@ -103,56 +103,33 @@ class ResponseStore:
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path, self.settings = path, settings
         self.responses: dict[tuple[str, int], dict[str, Any]] = {}
+        self.file = JsonlFile(path, kind="opcd_offpolicy", settings=settings,
+                              on_write_error=lambda e: ckpt.write_error(RESPONSES_FILE, path.parent, e))
 
     def load(self) -> None:
-        header = {"opcd_offpolicy": 1, "settings": self.settings}
         try:
-            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{str(self.path)!r} cannot be read ({e}).") from None
-        recs: list[dict[str, Any]] = []
-        for line in text.split("\n"):
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except ValueError:
-                rec = None  # torn by a crash
-            if isinstance(rec, dict):
-                recs.append(rec)
-        if not recs:
-            self._write_all([header])
-            return
-        if recs[0].get("opcd_offpolicy") != 1 or recs[0].get("settings") != self.settings:
+            found = self.file.load()
+        except HeaderMismatch:
             raise ConfigError(
                 f"{str(self.path)!r} holds teacher responses of other settings (model, teacher, "
                 "context, rollout or loss.top_k). Use another run.dir or --overwrite."
-            )
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for rec in recs[1:]:
-            groups.setdefault(int(rec.get("group", -1)), []).append(rec)
-        keep = [header]
-        for members in groups.values():
-            if len(members) == members[0].get("group_size"):
-                keep.extend(members)
-                for rec in members:
-                    self.responses[(rec["example"], int(rec["sample"]))] = rec
-        if len(keep) != len(recs):
-            self._write_all(keep)  # torn groups go: they are regenerated, identically
-
-    def _write_all(self, recs: list[dict[str, Any]]) -> None:
-        try:
-            ckpt.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in recs))
+            ) from None
         except OSError as e:
-            raise ckpt.write_error(RESPONSES_FILE, self.path.parent, e) from e
+            raise ConfigError(f"{str(self.path)!r} cannot be read ({e}).") from None
+        groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        for line, rec in found:
+            groups.setdefault(int(rec.get("group", -1)), []).append((line, rec))
+        keep = [json.dumps(self.file.header())]
+        for members in groups.values():
+            if len(members) == members[0][1].get("group_size"):
+                for line, rec in members:
+                    keep.append(line)
+                    self.responses[(rec["example"], int(rec["sample"]))] = rec
+        if len(keep) != len(found) + 1:
+            self.file.rewrite(keep)  # torn groups go: they are regenerated, identically
 
     def add_group(self, recs: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r) + "\n" for r in recs)
-        try:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise ckpt.write_error(RESPONSES_FILE, self.path.parent, e) from e
+        self.file.append(recs)
         for rec in recs:
             self.responses[(rec["example"], int(rec["sample"]))] = rec
 

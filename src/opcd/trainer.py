@@ -20,7 +20,6 @@ its shard of every step's prompts and the gradients are summed: see :mod:`opcd.d
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -56,6 +55,7 @@ from opcd.errors import (
 )
 from opcd.evaluate import EvalResult, Judge, evaluate, merge_results, teacher_judge
 from opcd.guard import Alarm, CollapseGuard
+from opcd.jsonl import JsonlFile
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
 from opcd.rollout_backends import (
     RolloutBackend,
@@ -212,48 +212,25 @@ class MetricsLog:
     def __init__(self, path: Path, trackers: Trackers | None = None) -> None:
         self.path = path
         self.trackers = trackers if trackers is not None else Trackers()
-
-    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a crash or a full disk
-            if isinstance(rec, dict):
-                out.append((line, rec))
-        return out
+        self.file = JsonlFile(path, on_write_error=lambda e: ckpt.write_error(
+            "metrics.jsonl", path.parent, e))
 
     def reset_to(self, step: int) -> None:
         """Keep the records of steps ``<= step`` (nothing when ``step`` is 0), atomically."""
         keep = [
-            line for line, rec in self._lines()
+            line for line, rec in self.file.lines()
             if step > 0 and isinstance(rec.get("step"), int) and rec["step"] <= step
         ]
         if not keep and not self.path.exists():
             return
-        try:
-            ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in keep))
-        except OSError as e:
-            raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
+        self.file.rewrite(keep)
 
     def write(self, record: dict[str, Any], answers: Answers | None = None) -> None:
-        line = json.dumps(record) + "\n"
-        try:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise ckpt.write_error("metrics.jsonl", self.path.parent, e) from e
+        self.file.append([record])
         self.trackers.log(record, answers)
 
     def read(self) -> list[dict[str, Any]]:
-        return [rec for _, rec in self._lines()]
+        return self.file.read()
 
 
 class MainLog(MetricsLog):
