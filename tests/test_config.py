@@ -78,3 +78,49 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_parse_overrides_nested() -> None:
     assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+
+
+@pytest.mark.parametrize("method", ["opcd", "offpolicy", "ovd"])
+def test_the_method_table_decides_what_a_method_accepts(method: str) -> None:
+    from opcd.config import METHODS
+
+    row = METHODS[method]
+    base = {"method": method, "rollout": {"n": 2}}
+    for mode in ("frozen", "live", "model", "server"):
+        teacher: dict = {"mode": mode}
+        if mode == "model":
+            teacher["model"] = "some-teacher"
+        if mode == "server":
+            teacher.update(server_url="http://localhost:8000/v1", server_model="m")
+        cfg = {**base, "teacher": teacher}
+        if mode == "server":
+            cfg["loss"] = {"objective": "sampled_token"}
+        if mode in row.teacher_modes:
+            config_from_dict(cfg)
+        else:
+            with pytest.raises(ConfigError, match=f"teacher.mode={mode} is not supported by method={method}"):
+                config_from_dict(cfg)
+    for backend in ("hf", "vllm"):
+        cfg = {**base, "rollout": {"n": 2, "backend": backend}}
+        if backend in row.rollout_backends:
+            config_from_dict(cfg)
+        else:
+            with pytest.raises(ConfigError, match=f"rollout.backend={backend} is not supported for method={method}"):
+                config_from_dict(cfg)
+    cfg = {**base, "rollout": {"n": 2, "dtype": "bfloat16"}}
+    if row.rollout_dtype:
+        config_from_dict(cfg)
+    else:
+        with pytest.raises(ConfigError, match="rollout.dtype=bfloat16 is supported for method=opcd only"):
+            config_from_dict(cfg)
+
+
+def test_loss_settings_a_method_does_not_read_are_named() -> None:
+    from opcd.config import ignored_settings
+
+    assert ignored_settings(config_from_dict({"loss": {"objective": "jsd", "top_k": 8}})) == []
+    cfg = config_from_dict({"method": "ovd", "rollout": {"n": 2},
+                            "loss": {"objective": "reverse_kl", "top_k": 64, "reduction": "seq_mean"}})
+    assert ignored_settings(cfg) == ["loss.objective=reverse_kl", "loss.top_k=64"]
+    cfg = config_from_dict({"method": "offpolicy", "loss": {"objective": "jsd", "top_k": 8}})
+    assert ignored_settings(cfg) == ["loss.objective=jsd"]

@@ -27,8 +27,9 @@ from opcd.config import config_from_dict
 from opcd.distributed import Dist, launched
 from opcd.errors import ConfigError
 from opcd.evaluate import EvalResult, merge_results
+from opcd.loop import train
 from opcd.sharding import FsdpSettings, fsdp_settings_from_env
-from opcd.trainer import check_distributed, train
+from opcd.trainer import check_distributed
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_cpu.yaml"
 

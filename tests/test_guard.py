@@ -14,7 +14,8 @@ from opcd.cli import main
 from opcd.config import GuardConfig, config_from_dict
 from opcd.errors import CollapseError, NothingToDistil
 from opcd.guard import CollapseGuard
-from opcd.trainer import Trainer, train
+from opcd.loop import train
+from opcd.trainer import Trainer
 
 
 def _step(step: int, entropy: float = 1.5, mass: float = 0.95) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from opcd import hub
 from opcd.cli import main
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, HubError, RunFolderError
+from opcd.loop import train
 from opcd.tasks.system_prompt import FRENCH_SYSTEM_PROMPT
-from opcd.trainer import train
 
 EVALS = [  # as a real french run writes them: the in-context reference first
     {"type": "eval", "step": 0, "score": 0.9166666666666666, "stderr": 0.057630339567343716, "n": 24,

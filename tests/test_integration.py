@@ -46,7 +46,7 @@ def test_context_placement_through_real_chat_template(smol_tokenizer) -> None:
 
 
 def test_two_training_steps_on_real_model(tmp_path: Path) -> None:
-    from opcd.trainer import train
+    from opcd.loop import train
 
     cfg = {
         "model": NAME,

@@ -11,11 +11,12 @@ from test_trainer import tiny_config
 
 from opcd.chat import encode_chat
 from opcd.evaluate import evaluate
+from opcd.loop import train
 from opcd.multiturn import is_multiturn, play_for_training
 from opcd.scoring import pack
 from opcd.tasks import build_task
 from opcd.tasks.games import GameTask
-from opcd.trainer import Trainer, train
+from opcd.trainer import Trainer
 
 EXPERIENCE = "- EXPERIENCE ITEM: avoid the holes H."
 

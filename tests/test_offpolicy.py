@@ -14,8 +14,8 @@ from test_trainer import tiny_config, weights
 from opcd import losses
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
+from opcd.loop import train
 from opcd.offpolicy import RESPONSES_FILE, offpolicy_token_loss
-from opcd.trainer import train
 
 
 def test_forward_kl_over_teacher_top_k_by_hand() -> None:
@@ -131,7 +131,7 @@ def test_offpolicy_torn_group_is_regenerated_identically(tiny_model_dir: Path, t
 
 
 def test_offpolicy_refuses_a_live_teacher() -> None:
-    with pytest.raises(ConfigError, match="cannot be live"):
+    with pytest.raises(ConfigError, match="teacher.mode=live is not supported by method=offpolicy"):
         config_from_dict({"method": "offpolicy", "teacher": {"mode": "live"}})
     with pytest.raises(ConfigError, match="offpolicy.loss"):
         config_from_dict({"offpolicy": {"loss": "kl"}})

@@ -21,6 +21,7 @@ from test_trainer import tiny_config, weights
 from opcd import ovd, ovd_trainer
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, ModelError
+from opcd.loop import build_trainer, train
 from opcd.ovd import (
     Generation,
     Trajectory,
@@ -41,7 +42,7 @@ from opcd.ovd import (
     turn_score_requests,
 )
 from opcd.ovd_trainer import OvdTrainer
-from opcd.trainer import Trainer, build_trainer, train
+from opcd.trainer import Trainer
 
 
 # ---------------------------------------------------------------------------- fixtures

@@ -41,8 +41,9 @@ from opcd.errors import (
     RunFolderError,
 )
 from opcd.evaluate import evaluate
+from opcd.loop import train
 from opcd.tasks.system_prompt import SystemPromptTask, load_prompts
-from opcd.trainer import MetricsLog, train
+from opcd.trainer import MetricsLog
 
 TESTS = Path(__file__).resolve().parent
 TIMING = {"time_rollout", "time_teacher", "time_update", "time_step", "tokens_per_s"}

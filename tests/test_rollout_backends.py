@@ -260,7 +260,7 @@ def test_vllm_without_vllm_or_cuda_is_a_config_error_naming_the_fix(
 ) -> None:
     from test_trainer import tiny_config
 
-    from opcd.trainer import build_trainer
+    from opcd.loop import build_trainer
 
     cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, rollout={"backend": "vllm"}))
     with pytest.raises(ConfigError) as e:
@@ -467,7 +467,7 @@ def test_vllm_backend_samples_and_follows_synced_weights(tmp_path: Path) -> None
 def test_training_steps_with_the_vllm_backend(tmp_path: Path) -> None:
     from test_trainer import tiny_config
 
-    from opcd.trainer import train
+    from opcd.loop import train
 
     folder = _save_tiny_for_vllm(tmp_path / "tiny")
     cfg = tiny_config(folder, tmp_path, rollout={"backend": "vllm", "vllm_gpu_memory_utilization": 0.2},

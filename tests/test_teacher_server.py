@@ -20,8 +20,8 @@ from test_trainer import tiny_config, weights
 
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
+from opcd.loop import train
 from opcd.teacher_server import ServerTeacher, SparseScores, TeacherServerError, server_token_loss
-from opcd.trainer import train
 
 
 class _StandIn:

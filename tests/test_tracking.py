@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from test_trainer import tiny_config
 
+from opcd import loop
 from opcd import trainer as trainer_module
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
+from opcd.loop import train
 from opcd.tracking import (
     TRACKERS,
     TensorBoardTracker,
@@ -23,7 +25,6 @@ from opcd.tracking import (
     check_report_to,
     open_trackers,
 )
-from opcd.trainer import train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -352,6 +353,6 @@ def test_tracker_folders_do_not_keep_a_run_that_never_trained(tmp_path: Path) ->
     (run / "wandb").mkdir()
     (run / "config.yaml").write_text("model: x\n")
     (run / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 0}) + "\n")
-    assert trainer_module._only_unstarted_run(run)  # a plain rerun starts it again
+    assert loop._only_unstarted_run(run)  # a plain rerun starts it again
     (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1}) + "\n")
-    assert not trainer_module._only_unstarted_run(run)
+    assert not loop._only_unstarted_run(run)

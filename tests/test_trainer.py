@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from opcd.config import config_from_dict
 from opcd.errors import DataError, ModelError, RunFolderError
-from opcd.trainer import Trainer, build_optimizer, train
+from opcd.loop import train
+from opcd.trainer import Trainer, build_optimizer
 
 
 def write_prompts(path: Path, n: int = 12) -> Path:

@@ -12,8 +12,9 @@ redo it). Base config: the demo's (src/opcd/configs/demo.yaml) with guard.action
 that a breaking run is seen to its end. ``--minimal``: instead, the issue's "config holding
 only model, context, prompts and behaviour" (the packaged model, ``task.name: suite``, every
 other setting opcd's default), guard as by default. The run folder's weights are deleted
-once the JSON is written (a cell is ~2.5 GB of weights; its metrics.jsonl is kept), but for
-``final/`` with ``--keep-final`` (the model an out-of-distribution comparison evaluates).
+once the JSON is written (a cell is ~2.5 GB of weights; its metrics.jsonl is kept), unless
+``--keep-final``: then ``final/`` (the model an out-of-distribution comparison evaluates) and
+the last checkpoint (to continue the run) stay.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from opcd.config import config_from_dict, load_config
 from opcd.demo import DEMO_CONFIG
-from opcd.trainer import train
+from opcd.loop import train
 
 OUT = Path("runs/objectives")
 
@@ -62,7 +63,7 @@ def main(name: str, overrides: list[str], minimal: bool = False, keep_final: boo
                   for r in recs if r["type"] == "train"],
         "guard": [r for r in recs if r["type"] == "guard"],
     }, indent=1, ensure_ascii=False))
-    for heavy in ("checkpoints",) if keep_final else ("final", "checkpoints"):  # the weights: kept only while the cell runs
+    for heavy in () if keep_final else ("final", "checkpoints"):  # the weights: kept only while the cell runs
         shutil.rmtree(res.run_dir / heavy, ignore_errors=True)
     print(f"wrote {out}")
 

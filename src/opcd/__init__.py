@@ -26,7 +26,7 @@ __all__ = ["__version__", "compare", "demo", "evaluate_model", "extract_experien
 
 def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
     if name == "train":
-        from opcd.trainer import train
+        from opcd.loop import train
 
         return train
     if name == "evaluate_model":

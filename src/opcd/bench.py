@@ -342,8 +342,8 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
     import torch
 
     from opcd.config import config_from_dict
+    from opcd.loop import build_trainer
     from opcd.models import load_tokenizer
-    from opcd.trainer import build_trainer
 
     peak = matmul_gflops(spec.matmul_seconds)
     tok = load_tokenizer(spec.model)

@@ -29,7 +29,7 @@ from opcd.errors import CollapseError, OpcdError, TrainingInterrupted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from opcd.trainer import train
+    from opcd.loop import train
 
     result = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet)

@@ -292,7 +292,7 @@ class _Cache:
 def _cell_task(col: Column, row: Row, batch_size: int) -> tuple[Any, dict[str, Any]]:
     """The task config of a cell (validated) and the part of it that identifies the cell."""
     from opcd.config import config_from_dict
-    from opcd.experience import read_context_file
+    from opcd.tasks.base import read_context_file
 
     task = {**col.task, "name": col.name}
     context = None

@@ -554,6 +554,84 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class MethodSupport:
+    """One row of the table of valid combinations: what a method samples, how its rows are
+    scored, what it minimises, and which settings it can use."""
+
+    sampler: str
+    scorer: str
+    objective: str
+    teacher_modes: tuple[str, ...]
+    rollout_backends: tuple[str, ...]
+    rollout_dtype: bool
+    """A separate sampling copy in another dtype (``rollout.dtype``)."""
+    processes: bool
+    """Several processes (accelerate / torchrun, DDP or FSDP)."""
+    loss_keys: tuple[str, ...]
+    """The ``loss.*`` settings it reads (the others are ignored: a note says so)."""
+
+
+METHODS: dict[str, MethodSupport] = {
+    "opcd": MethodSupport(
+        sampler="the student without the context (rollout backend hf or vllm)",
+        scorer="the teacher's log-probs with the context (local model or server)",
+        objective="loss.objective over the top-k slots (+ the rest bucket)",
+        teacher_modes=("frozen", "live", "model", "server"), rollout_backends=("hf", "vllm"),
+        rollout_dtype=True, processes=True,
+        loss_keys=("objective", "top_k", "tail", "renormalize", "union", "beta", "reduction")),
+    "offpolicy": MethodSupport(
+        sampler="the teacher's own responses with the context, generated once and stored",
+        scorer="the teacher's top-k log-probs, stored with its responses",
+        objective="offpolicy.loss (forward KL over the teacher's top-k, or SFT)",
+        teacher_modes=("frozen", "model"), rollout_backends=("hf",),
+        rollout_dtype=False, processes=False,
+        loss_keys=("top_k", "tail", "renormalize", "reduction")),
+    "ovd": MethodSupport(
+        sampler="the student without the context, rollout.n responses a prompt",
+        scorer="the verbal teacher's 0-9 score (low-scored responses replaced)",
+        objective="a clipped policy gradient on group-normalised scores",
+        teacher_modes=("frozen", "live", "model"), rollout_backends=("hf",),
+        rollout_dtype=False, processes=False,
+        loss_keys=("reduction",)),
+}
+"""Which sampler / scorer / objective each method is, and which settings it supports:
+checked here when a config is built (:func:`_check_method`), and at launch for processes."""
+
+
+def _check_method(cfg: Config) -> None:
+    """Refuse the settings ``cfg.method`` cannot honour, from :data:`METHODS`."""
+    m = METHODS[cfg.method]
+    allowed = [k for k, v in METHODS.items() if cfg.teacher.mode in v.teacher_modes]
+    if cfg.teacher.mode not in m.teacher_modes:
+        why = (" (its teacher responses are generated once and reused)" if cfg.method == "offpolicy"
+               else "")
+        raise ConfigError(
+            f"teacher.mode={cfg.teacher.mode} is not supported by method={cfg.method}{why}: use "
+            f"teacher.mode={' or '.join(m.teacher_modes)} (teacher.mode={cfg.teacher.mode} works "
+            f"with method={' or '.join(allowed)})."
+        )
+    if cfg.rollout.backend not in m.rollout_backends:
+        raise ConfigError(
+            f"rollout.backend={cfg.rollout.backend} is not supported for method={cfg.method} yet "
+            f"(it samples {m.sampler}). Use the default rollout.backend=hf."
+        )
+    if cfg.rollout.dtype not in ("model", "auto") and not m.rollout_dtype:
+        raise ConfigError(
+            f"rollout.dtype={cfg.rollout.dtype} is supported for method=opcd only (method="
+            f"{cfg.method} samples with the training model). Remove rollout.dtype."
+        )
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """The ``loss.*`` settings changed from their defaults that ``cfg.method`` does not read
+    (from :data:`METHODS`), as ``key=value`` strings."""
+    m = METHODS[cfg.method]
+    default = LossConfig()
+    return [f"loss.{f.name}={getattr(cfg.loss, f.name)}" for f in dataclasses.fields(LossConfig)
+            if f.name not in m.loss_keys and getattr(cfg.loss, f.name) != getattr(default, f.name)]
+
+
 def _check_ranges(cfg: Config) -> None:
     flat = flatten(cfg.to_dict())
     for key in _POSITIVE:
@@ -588,13 +666,9 @@ def _check_ranges(cfg: Config) -> None:
             f"task.user_template={cfg.task.user_template!r} must contain both {{context}} and {{prompt}}."
         )
     _check_ovd(cfg)
+    _check_method(cfg)
     _check_rollout_backend(cfg)
     _check_server_teacher(cfg)
-    if cfg.method == "offpolicy" and cfg.teacher.mode == "live":
-        raise ConfigError(
-            "method=offpolicy generates the teacher's responses once and reuses them, so its "
-            "teacher cannot be live: use teacher.mode=frozen (the initial student) or model."
-        )
     if cfg.task.context is not None and cfg.task.context_file is not None:
         raise ConfigError("Set task.context or task.context_file, not both.")
     project = cfg.run.tracking_project
@@ -643,8 +717,6 @@ def _check_server_teacher(cfg: Config) -> None:
     if not t.server_url or not t.server_model:
         raise ConfigError("teacher.mode=server needs teacher.server_url (e.g. http://localhost:8000/v1) "
                           "and teacher.server_model (the name the server serves).")
-    if cfg.method != "opcd":
-        raise ConfigError(f"teacher.mode=server is supported for method=opcd only, not {cfg.method}.")
     objective_ok = cfg.loss.objective in ("sampled_token", "forward_kl")
     union = objective_ok and cfg.loss.union and cfg.loss.objective != "sampled_token"
     if not objective_ok or union:
@@ -676,16 +748,6 @@ def _check_rollout_backend(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.dtype={r.dtype} applies to rollout.backend=hf; the vLLM engine samples in "
             "the model's dtype. Remove rollout.dtype or use rollout.backend=hf."
-        )
-    if r.dtype not in ("model", "auto") and cfg.method != "opcd":
-        raise ConfigError(
-            f"rollout.dtype={r.dtype} is supported for method=opcd only (method={cfg.method} "
-            "samples with the training model). Remove rollout.dtype."
-        )
-    if r.backend == "vllm" and cfg.method != "opcd":
-        raise ConfigError(
-            f"rollout.backend=vllm is not supported for method={cfg.method} yet (only "
-            "method=opcd samples through it). Use the default rollout.backend=hf."
         )
 
 
@@ -847,3 +909,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def as_config(config: Config | dict[str, Any] | str | Path, overrides: list[str] | None) -> Config:
+    """A Config from a Config, a dict or a YAML path, with ``overrides`` applied."""
+    if isinstance(config, Config):
+        if overrides:
+            return config_from_dict(config.to_dict(), overrides)
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config, overrides)
+    return load_config(config, overrides)

@@ -39,8 +39,8 @@ def demo(
 ) -> dict[str, Any]:
     """Run the demo and return its summary (also written to ``summary.json``); ``overrides``
     change the demo config (``key=value``, as for ``opcd train``)."""
+    from opcd.loop import train
     from opcd.models import pull
-    from opcd.trainer import train
 
     extra, overrides = overrides, [f"run.dir={_free_run_dir(run_dir or 'runs/demo')}"]
     if steps is not None:

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opcd.errors import ConfigError, DataError
+from opcd.errors import ConfigError
 from opcd.jsonl import HeaderMismatch, JsonlFile
+from opcd.tasks.base import read_context_file as read_context_file  # its home before 2026-12
 
 EXTRACT_PROMPT = (
     "You are keeping a short list of general, reusable insights for solving problems of "
@@ -173,28 +174,6 @@ def fill_prompt(template: str, *, experience: str, problem: str, solution: str, 
     """Fill the insight request in one pass (nothing in the values is interpreted)."""
     values = {"experience": experience, "problem": problem, "solution": solution, "marker": marker}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def read_context_file(path: str | Path, what: str = "task.context_file") -> str:
-    """The context held in a file: its non-blank lines (stripped of trailing spaces), joined.
-
-    A missing, unreadable or empty file is a :class:`DataError` (an empty context would
-    silently make the teacher the student); ``what`` names the setting in its message.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{what} {str(p)!r} does not exist. Check the path.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {str(p)!r} cannot be read as UTF-8 text ({e}).") from None
-    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise DataError(
-            f"{what} {str(p)!r} holds no context (no non-blank line). An experience "
-            "file has one item per line; run `opcd extract` to make one, or give another file."
-        )
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- extraction
@@ -340,13 +319,13 @@ def extract_experience(
 
     from opcd import checkpoint as ckpt
     from opcd.chat import student_messages
+    from opcd.config import as_config
     from opcd.evaluate import evaluate
     from opcd.models import load_model
     from opcd.tasks import build_task
     from opcd.tasks.base import derive_seed
-    from opcd.trainer import _as_config
 
-    cfg = _as_config(config, overrides)
+    cfg = as_config(config, overrides)
     x, ev = cfg.extract, cfg.eval
     task = build_task(cfg.task)  # its own context is never shown: the experience replaces it
     from opcd.multiturn import is_multiturn

@@ -2,7 +2,7 @@
 
 A falling loss is not evidence of learning: a divergence can be lowered by wrecking the
 model (the student's mass leaking out of the top-k slots, its answers turning to garbage).
-The training loop (:func:`opcd.trainer.train`) hands this guard every step's figures and
+The training loop (:func:`opcd.loop.train`) hands this guard every step's figures and
 every evaluation's, and the guard compares them with their values at the start:
 
 - the student's entropy at its own sampled positions (``guard.max_entropy_rise`` nats above

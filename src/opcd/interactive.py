@@ -213,7 +213,7 @@ def resolve_target(ref: str) -> Target:
 
 def read_context(text: str | None, path: str | None) -> ChatContext | None:
     """The context of ``--context TEXT`` or ``--context-file PATH`` (at most one)."""
-    from opcd.experience import read_context_file
+    from opcd.tasks.base import read_context_file
 
     if text is not None and path is not None:
         raise ConfigError("Give the context either as --context TEXT or as --context-file PATH, "

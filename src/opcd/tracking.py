@@ -2,7 +2,7 @@
 
 ``metrics.jsonl`` in the run folder stays the record of a run; this module sends the same
 records to the dashboards practitioners already use. Where it sits in a run
-(:func:`opcd.trainer.train`):
+(:func:`opcd.loop.train`):
 
 1. before anything is written or loaded, :func:`check_report_to` imports each chosen
    library, so a missing one is a :class:`ConfigError` naming its pip extra

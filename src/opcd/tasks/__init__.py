@@ -80,7 +80,7 @@ def build_task(cfg: TaskConfig) -> Task:
     if cfg.name == "knowledge":
         return _knowledge(cfg)
     if cfg.context_file is not None:
-        from opcd.experience import read_context_file
+        from opcd.tasks.base import read_context_file
 
         if cfg.context is not None:
             raise ConfigError("Set task.context or task.context_file, not both.")

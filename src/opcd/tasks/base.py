@@ -16,9 +16,10 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from opcd.errors import ConfigError
+from opcd.errors import ConfigError, DataError
 
 Placement = Literal["system", "user"]
 SPLITS = ("train", "eval", "test")
@@ -84,3 +85,25 @@ class Task(ABC):
             raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
         scores = [float(self.score(ex, r)) for ex, r in zip(examples, responses, strict=True)]
         return {"score": sum(scores) / len(scores) if scores else 0.0, "n": float(len(scores))}
+
+
+def read_context_file(path: str | Path, what: str = "task.context_file") -> str:
+    """The context held in a file: its non-blank lines (stripped of trailing spaces), joined.
+
+    A missing, unreadable or empty file is a :class:`DataError` (an empty context would
+    silently make the teacher the student); ``what`` names the setting in its message.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{what} {str(p)!r} does not exist. Check the path.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {str(p)!r} cannot be read as UTF-8 text ({e}).") from None
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(
+            f"{what} {str(p)!r} holds no context (no non-blank line). An experience "
+            "file has one item per line; run `opcd extract` to make one, or give another file."
+        )
+    return "\n".join(lines)
