@@ -1,11 +1,13 @@
 """The table of docs/objectives.md from runs/objectives/*.json (see run.py and grid.sh).
 
     python scripts/objectives/table.py [--answers CELL STEP]
+    python scripts/objectives/table.py --defaults     # the min-* cells of defaults.sh
 
 One row per cell: the behaviour rate and the quality figure at every evaluation, the largest
 entropy and smallest top-k mass over the steps, and the steps at which the collapse guard
 with today's default bounds alarms on the recorded figures; then per objective the mean over
-its seeds. ``--answers`` prints one cell's answers at one evaluation.
+its seeds. ``--answers`` prints one cell's answers at one evaluation. ``--defaults``: the
+cells of ``defaults.sh`` (issue 18's targets with a minimal config) against the targets.
 """
 
 from __future__ import annotations
@@ -20,9 +22,42 @@ from opcd.guard import CollapseGuard, GuardConfig
 OUT = Path("runs/objectives")
 
 
-def _cells() -> list[dict]:
+def _cells(minimal: bool = False) -> list[dict]:
+    """The recorded cells: the demo-config grid's, or (``minimal``) defaults.sh's."""
     cells = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
-    return [c for c in cells if isinstance(c, dict) and "evals" in c]  # (not lift-*.json)
+    return [c for c in cells if isinstance(c, dict) and "evals" in c  # (not lift-*.json)
+            and bool(c.get("minimal")) == minimal]
+
+
+def defaults_table() -> None:
+    """Issue 18's targets per behaviour: the held-out rate without the prompt >= 80% of the
+    in-context rate, the quality figure at least the base model's within 2 standard errors
+    (of the difference: sqrt(se_student^2 + se_base^2)), the guard silent."""
+    print("| behaviour | in context | base (step 0) | " + "evaluations: step: rate / quality ± se"
+          + " | first step meeting both targets | guard |")
+    print("|---|---|---|---|---|---|")
+    for c in _cells(minimal=True):
+        ctx, evals = c["in_context"], c["evals"]
+        base = evals[0]
+        met = []
+        parts = []
+        for e in evals[1:]:
+            rate_ok = e["score"] >= 0.8 * ctx["score"]
+            se = (e["quality_stderr"] ** 2 + base["quality_stderr"] ** 2) ** 0.5
+            quality_ok = e["quality"] >= base["quality"] - 2 * se
+            if rate_ok and quality_ok:
+                met.append(e["step"])
+            parts.append(f"{e['step']}: {e['score'] * 100:.0f}% / {e['quality']:+.2f} ± "
+                         f"{e['quality_stderr']:.2f}{'' if quality_ok else ' (q)'}"
+                         f"{'' if rate_ok else ' (r)'}")
+        behaviour = next((o.split("=", 1)[1] for o in c["overrides"] if o.startswith("task.behaviour=")), "?")
+        alarms = ",".join(str(s) for s in _replayed_alarms(c)) or "-"
+        fired = "fired" if c["guard"] else "silent"
+        print(f"| {behaviour} | {ctx['score'] * 100:.0f}% / {ctx['quality']:+.2f} | "
+              f"{base['score'] * 100:.0f}% / {base['quality']:+.2f} ± {base['quality_stderr']:.2f} | "
+              f"{'; '.join(parts)} | {met[0] if met else 'none'} | {fired} (replayed: {alarms}) |")
+    print("\n(r): rate below 80% of the in-context rate; (q): quality more than 2 standard "
+          "errors below the base's.")
 
 
 def _replayed_alarms(cell: dict) -> list[int]:
@@ -49,9 +84,12 @@ def _fmt(e: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["--defaults"]:
+        defaults_table()
+        return
     cells = _cells()
     if argv[:1] == ["--answers"]:
-        cell = next(c for c in cells if c["name"] == argv[1])
+        cell = next(c for c in [*cells, *_cells(minimal=True)] if c["name"] == argv[1])
         ev = next(e for e in cell["evals"] if e["step"] == int(argv[2]))
         for a in ev["answers"]:
             print("-", " ".join(a.split())[:300])
