@@ -528,6 +528,32 @@ def distill_token_loss(
     return _token_loss_record(loss, s_slots, t_slots, valid, renormalize, entropy)
 
 
+def sparse_teacher_loss(
+    student_logits: Tensor, teacher_ids: Tensor, teacher_logp: Tensor, *,
+    temperature: float = 1.0, renormalize: bool = False, tail: bool = True,
+) -> TokenLoss:
+    """Forward KL of the student's ``[N, V]`` logits to a teacher known only by its top-k:
+    token ids ``[N, k]`` and their full-vocabulary log-probs ``[N, k]`` (stored by the
+    off-policy baseline, returned by a teacher server), over those k slots and, with
+    ``tail``, the rest of the vocabulary as one bucket. The one sparse-teacher divergence:
+    :func:`opcd.offpolicy.offpolicy_token_loss` and
+    :func:`opcd.teacher_server.server_token_loss` build on it.
+
+    Returns a :class:`TokenLoss` whose ``loss`` is that forward KL (differentiable) and whose
+    ``kl`` is the reverse KL over the same slots (logged); the masses and the student's
+    entropy are detached.
+    """
+    s_logp = temperature_log_softmax(student_logits, temperature)
+    s_slots = s_logp.gather(-1, teacher_ids)
+    loss = slot_divergence(s_slots, teacher_logp, objective="forward_kl",
+                           renormalize=renormalize, tail=tail)
+    with torch.no_grad():
+        kl = slot_divergence(s_slots, teacher_logp, renormalize=renormalize)
+        entropy = -(s_logp.exp() * s_logp).sum(-1)
+    return TokenLoss(loss=loss, kl=kl, student_topk_mass=s_slots.detach().exp().sum(-1),
+                     teacher_topk_mass=teacher_logp.exp().sum(-1), student_entropy=entropy)
+
+
 def slot_divergence(s_slots: Tensor, t_slots: Tensor, valid: Tensor | None = None, *,
                     objective: str = "reverse_kl", renormalize: bool = False,
                     beta: float = 0.5, tail: bool = True,

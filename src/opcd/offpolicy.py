@@ -73,21 +73,14 @@ def offpolicy_token_loss(
     """
     if objective not in ("fkl", "sft"):
         raise ValueError(f"objective must be 'fkl' or 'sft', got {objective!r}")
-    s_logp = losses.temperature_log_softmax(student_logits, temperature)
-    s_slots = s_logp.gather(-1, teacher_ids)
-    fkl = losses.slot_divergence(s_slots, teacher_logp, objective="forward_kl",
-                                 renormalize=renormalize, tail=tail)
+    tl = losses.sparse_teacher_loss(student_logits, teacher_ids, teacher_logp,
+                                    temperature=temperature, renormalize=renormalize, tail=tail)
     plain = torch.log_softmax(student_logits.float(), dim=-1)
     nll = -plain.gather(-1, tokens[:, None])[:, 0]
-    loss = fkl if objective == "fkl" else nll
-    with torch.no_grad():
-        stats = {
-            "forward_kl": fkl.detach(),
-            "nll": nll.detach(),
-            "student_topk_mass": s_slots.detach().exp().sum(-1),
-            "teacher_topk_mass": teacher_logp.exp().sum(-1),
-            "student_entropy": -(s_logp.exp() * s_logp).sum(-1).detach(),
-        }
+    loss = tl.loss if objective == "fkl" else nll
+    stats = {"forward_kl": tl.loss.detach(), "nll": nll.detach(),
+             "student_topk_mass": tl.student_topk_mass, "teacher_topk_mass": tl.teacher_topk_mass,
+             "student_entropy": tl.student_entropy}
     return loss, stats
 
 

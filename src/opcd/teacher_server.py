@@ -147,19 +147,12 @@ def server_token_loss(student_logits: Tensor, scores: SparseScores, sampled: Ten
     server teacher's sparse scores of the same N tokens (temperature 1)."""
     from opcd import losses
 
-    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
     if objective == "sampled_token":
+        s_logp = torch.log_softmax(student_logits.float(), dim=-1)
         return losses.sampled_token_record(s_logp, scores.sampled.to(s_logp.device), sampled)
-    with torch.no_grad():
-        entropy = -(s_logp.exp() * s_logp).sum(-1)
-    t_ids, t_logp = scores.top_ids.to(s_logp.device), scores.top_logp.to(s_logp.device)
-    s_slots = s_logp.gather(-1, t_ids)
-    loss = losses.slot_divergence(s_slots, t_logp, objective="forward_kl",
-                                  renormalize=renormalize, tail=tail)
-    with torch.no_grad():
-        kl = losses.slot_divergence(s_slots, t_logp, renormalize=renormalize)
-    return losses.TokenLoss(loss=loss, kl=kl, student_topk_mass=s_slots.detach().exp().sum(-1),
-                            teacher_topk_mass=t_logp.exp().sum(-1), student_entropy=entropy)
+    device = student_logits.device
+    return losses.sparse_teacher_loss(student_logits, scores.top_ids.to(device),
+                                      scores.top_logp.to(device), renormalize=renormalize, tail=tail)
 
 
 def cat_scores(parts: list[SparseScores]) -> SparseScores:
