@@ -246,6 +246,32 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
 
 
 @dataclass
+class Rows:
+    """A step's sampled rows: the prompt pairs (without / with the context), the rollout
+    (one row per response; ``prompt_index`` maps a row to its pair), and for games the
+    episodes' figures."""
+
+    pairs: list[PromptPair]
+    roll: Any
+    episode_figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def responses(self) -> list[list[int]]:
+        return self.roll.response_ids
+
+
+@dataclass
+class Targets:
+    """The teacher's reading of a step's rows: a server's sparse scores per row, or the
+    local teacher's response hidden states per row, or neither (the teacher's logits are then
+    computed per micro-batch); ``seconds`` counts the time spent in the teacher."""
+
+    sparse: list[Any] | None = None
+    hidden: list[torch.Tensor] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
 class TrainResult:
     """What a finished run produced."""
 
@@ -389,17 +415,42 @@ class Trainer:
         ]
 
     def train_step(self) -> dict[str, Any]:
-        """Run one on-policy step and return its metrics."""
-        cfg = self.cfg
+        """One on-policy step: sample -> score -> objective per micro-batch -> one update."""
         t0 = time.perf_counter()
-        idx = self.order.take(cfg.train.batch_size)
+        idx = self.order.take(self.cfg.train.batch_size)
+        rows = self.sample(idx)
+        t_rollout = time.perf_counter() - t0
+        totals = self.dist.sum_floats([  # the whole (global) batch's, for the normalisation
+            sum(len(r) for r in rows.responses), sum(1 for r in rows.responses if r),
+            len(rows.responses), sum(rows.roll.truncated)])
+        t_update_start = time.perf_counter()
+        self.student.train()
+        targets = self.score(rows)
+        sums = dict.fromkeys(("loss", "kl", "entropy", "s_mass", "t_mass"), 0.0)
+        for sl, weight in self.micro_batches(len(rows.responses)):
+            loss, tl = self.micro_batch_loss(rows, targets, sl, totals, weight)
+            loss.backward()
+            if weight:
+                for key, value in (("loss", loss.detach()), ("kl", tl.kl), ("entropy", tl.student_entropy),
+                                   ("s_mass", tl.student_topk_mass), ("t_mass", tl.teacher_topk_mass)):
+                    sums[key] += float(value.sum())
+            del loss, tl
+        sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
+        grad_norm, skip_reason = self.optimizer_step(sums["loss"])
+        self.step += 1
+        return self.step_record(idx, rows, totals, sums, grad_norm, skip_reason, t0, t_rollout,
+                                targets.seconds, time.perf_counter() - t_update_start - targets.seconds)
+
+    # ------------------------------------------------------------------ the step's parts
+    def sample(self, idx: list[int]) -> Rows:
+        """The student's responses to this process's share of the step's prompts (games:
+        every reply of whole episodes it plays), without the context."""
+        cfg = self.cfg
         mine = self.dist.shard(len(idx))  # this process's positions in the global batch
-        episode_figures: dict[str, float] = {}
         # FSDP: the student's weights whole while it samples (a no-op without FSDP, or when
         # the backend samples from its own copy).
         sampling = contextlib.nullcontext() if self.backend.own_weights else gathered(self.student)
         if is_multiturn(self.task):
-            # Games: the student plays whole episodes; every reply it generated is a row.
             with sampling:
                 played = play_for_training(
                     self.student, self.tokenizer, self.task,
@@ -410,121 +461,94 @@ class Trainer:
                     max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
                     backend=self.backend,
                 )
-            pairs, roll = played.pairs, played.rollout
-            episode_figures = self._global_episode_figures(played)
-        else:
-            pairs = self._prompt_pairs([idx[i] for i in mine])
-            with sampling:
-                roll = self.backend.sample(
-                    [p.student_ids for p in pairs], n=cfg.rollout.n,
-                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                    seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
-                )
-        t_rollout = time.perf_counter() - t0
+            return Rows(played.pairs, played.rollout, self._global_episode_figures(played))
+        pairs = self._prompt_pairs([idx[i] for i in mine])
+        with sampling:
+            roll = self.backend.sample(
+                [p.student_ids for p in pairs], n=cfg.rollout.n,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
+            )
+        return Rows(pairs, roll)
 
-        responses = roll.response_ids
-        # Normalised over the whole (global) batch: summing the processes' gradients then
-        # gives the one-process gradient.
-        total_tokens, total_seqs, n_rows, n_truncated = self.dist.sum_floats([
-            sum(len(r) for r in responses), sum(1 for r in responses if r), len(responses),
-            sum(roll.truncated),
-        ])
-        sums = {"kl": 0.0, "entropy": 0.0, "s_mass": 0.0, "t_mass": 0.0, "loss": 0.0}
-        t_teacher = 0.0
-        t_update_start = time.perf_counter()
-        self.student.train()
-        mb, perf = cfg.train.micro_batch_size, cfg.perf
-        server = isinstance(self.teacher, ServerTeacher)
-        starts = list(range(0, len(responses), mb))
-        if self.dist.fsdp:
-            # Every process runs as many forwards/backwards as the busiest one (each is a
-            # collective under FSDP): the others repeat their first micro-batch at weight 0.
-            starts += [-1] * (self.dist.max_int(len(starts)) - len(starts))
-        for start in starts:
-            weight = 1.0 if start >= 0 else 0.0
-            start = max(start, 0)
-            sl = slice(start, start + mb)
-            resp = responses[sl]
-            prompt_of = roll.prompt_index[sl]
-            if start == 0 and weight and server:
-                # A teacher behind a vLLM server: its log-probs of the sampled tokens and its
-                # top-k at every response position, for the whole step's rows at once.
-                tt = time.perf_counter()
-                t_sparse = self.teacher.score([pairs[i].teacher_ids for i in roll.prompt_index],
-                                              responses)
-                t_teacher += time.perf_counter() - tt
-            elif start == 0 and weight and (perf.prefix_cache or perf.chunked_loss):
-                # The teacher reads the whole step's rows at once, each shared context prefix
-                # once (perf.prefix_cache); it returns hidden states, not [B, R, V] logits.
-                tt = time.perf_counter()
-                t_rows = self.teacher.response_hidden(
-                    [pairs[i].teacher_ids for i in roll.prompt_index], responses, self.pad_id,
-                    prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
-                    block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens,
-                )
-                t_teacher += time.perf_counter() - tt
-            sb = pack([pairs[i].student_ids for i in prompt_of], resp, self.pad_id, device=self.device)
-            mask = sb.response_mask
-            if server:
-                student_logits = response_logits(self.student, sb)
-                s_flat, t_flat = student_logits[mask], None
-                tl = server_token_loss(s_flat, cat_scores(t_sparse[sl]), sb.response_ids[mask],
-                                       objective=cfg.loss.objective, renormalize=cfg.loss.renormalize,
-                                       tail=cfg.loss.tail)
-                loss = self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight
-                loss.backward()
-                per_token = None
-            elif perf.chunked_loss:
-                # Logits of both models exist only loss_chunk_tokens at a time.
-                s_hidden = response_hidden(self.student, sb)[mask]
-                s_head = self.student.get_output_embeddings()  # read after the forward (FSDP)
-                s_lin = linear_head(s_head)
-                t_head, t_bias = self.teacher.head()
-                weights = losses.reduction_weights(
-                    mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs,
-                ) * weight
-                loss, tl = losses.chunked_distill_loss(
-                    s_hidden, s_lin[0] if s_lin else s_head,
-                    torch.cat(t_rows[sl]).to(self.device), t_head, weights[mask],
-                    student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
-                    sampled=sb.response_ids[mask], **self._chunk_loss_settings(),
-                    chunk_size=perf.loss_chunk_tokens,
-                )
-                loss.backward()
-                student_logits = s_flat = t_flat = per_token = s_hidden = None
-            else:
-                tt = time.perf_counter()
-                if perf.prefix_cache:
-                    t_hidden = torch.zeros((*mask.shape, t_rows[0].shape[-1]),
-                                           dtype=t_rows[0].dtype, device=self.device)
-                    t_hidden[mask] = torch.cat(t_rows[sl]).to(self.device)
-                    teacher_logits = self.teacher.logits_from_hidden(t_hidden)
-                    del t_hidden
-                else:
-                    tb = pack([pairs[i].teacher_ids for i in prompt_of], resp, self.pad_id,
-                              device=self.device)
-                    teacher_logits = self.teacher.response_logits(tb)
-                t_teacher += time.perf_counter() - tt
-                student_logits = response_logits(self.student, sb)
-                s_flat, t_flat = student_logits[mask], teacher_logits[mask]
-                del teacher_logits
-                tl = self._token_loss(s_flat, t_flat, sb.response_ids[mask])
-                loss = self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight
-                loss.backward()
-                per_token = None
-            if weight:
-                sums["loss"] += float(loss.detach())
-                sums["kl"] += float(tl.kl.sum())
-                sums["entropy"] += float(tl.student_entropy.sum())
-                sums["s_mass"] += float(tl.student_topk_mass.sum())
-                sums["t_mass"] += float(tl.teacher_topk_mass.sum())
-            del student_logits, s_flat, t_flat, tl, per_token, loss
-        sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
-        grad_norm, skip_reason = self.optimizer_step(sums["loss"])
-        t_update = time.perf_counter() - t_update_start - t_teacher
-        self.step += 1
-        elapsed = time.perf_counter() - t0
+    def score(self, rows: Rows) -> Targets:
+        """The teacher's reading of every row, with the context, for the whole step at once:
+        a server teacher's sparse scores, or the local teacher's response hidden states
+        (each shared context prefix read once with perf.prefix_cache). Without either
+        setting the teacher's logits are computed per micro-batch in :meth:`micro_batch_loss`."""
+        perf, t0 = self.cfg.perf, time.perf_counter()
+        teacher_ids = [rows.pairs[i].teacher_ids for i in rows.roll.prompt_index]
+        if isinstance(self.teacher, ServerTeacher):
+            return Targets(sparse=self.teacher.score(teacher_ids, rows.responses),
+                           seconds=time.perf_counter() - t0)
+        if perf.prefix_cache or perf.chunked_loss:
+            hidden = self.teacher.response_hidden(
+                teacher_ids, rows.responses, self.pad_id, prefix_cache=perf.prefix_cache,
+                batch_size=perf.teacher_batch_size, block=perf.prefix_block_tokens,
+                cache_tokens=perf.prefix_cache_tokens)
+            return Targets(hidden=hidden, seconds=time.perf_counter() - t0)
+        return Targets()
+
+    def micro_batches(self, n_rows: int) -> list[tuple[slice, float]]:
+        """The micro-batches' row slices and weights. Under FSDP every process runs as many
+        forwards/backwards as the busiest one (each is a collective): the others repeat
+        their first micro-batch at weight 0."""
+        mb = self.cfg.train.micro_batch_size
+        starts = list(range(0, n_rows, mb))
+        pad = self.dist.max_int(len(starts)) - len(starts) if self.dist.fsdp else 0
+        return [(slice(s, s + mb), 1.0) for s in starts] + [(slice(0, mb), 0.0)] * pad
+
+    def micro_batch_loss(self, rows: Rows, targets: Targets, sl: slice, totals: list[float],
+                         weight: float) -> tuple[torch.Tensor, losses.TokenLoss]:
+        """The objective on one micro-batch: the student reads its rows without the context;
+        its loss (normalised over the global batch, times ``weight``) and per-token figures."""
+        cfg, perf = self.cfg, self.cfg.perf
+        total_tokens, total_seqs = totals[0], totals[1]
+        prompt_of = rows.roll.prompt_index[sl]
+        sb = pack([rows.pairs[i].student_ids for i in prompt_of], rows.responses[sl], self.pad_id,
+                  device=self.device)
+        mask = sb.response_mask
+        if targets.sparse is not None:  # a server teacher's top-k
+            tl = server_token_loss(response_logits(self.student, sb)[mask], cat_scores(targets.sparse[sl]),
+                                   sb.response_ids[mask], objective=cfg.loss.objective,
+                                   renormalize=cfg.loss.renormalize, tail=cfg.loss.tail)
+            return self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight, tl
+        if perf.chunked_loss:  # logits of both models exist only loss_chunk_tokens at a time
+            s_hidden = response_hidden(self.student, sb)[mask]
+            s_head = self.student.get_output_embeddings()  # read after the forward (FSDP)
+            s_lin = linear_head(s_head)
+            t_head, t_bias = self.teacher.head()
+            weights = losses.reduction_weights(
+                mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs) * weight
+            return losses.chunked_distill_loss(
+                s_hidden, s_lin[0] if s_lin else s_head,
+                torch.cat(targets.hidden[sl]).to(self.device), t_head, weights[mask],
+                student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
+                sampled=sb.response_ids[mask], **self._chunk_loss_settings(),
+                chunk_size=perf.loss_chunk_tokens)
+        tt = time.perf_counter()
+        if targets.hidden is not None:  # perf.prefix_cache: the teacher's hidden states, read once
+            t_hidden = torch.zeros((*mask.shape, targets.hidden[0].shape[-1]),
+                                   dtype=targets.hidden[0].dtype, device=self.device)
+            t_hidden[mask] = torch.cat(targets.hidden[sl]).to(self.device)
+            teacher_logits = self.teacher.logits_from_hidden(t_hidden)
+            del t_hidden
+        else:
+            tb = pack([rows.pairs[i].teacher_ids for i in prompt_of], rows.responses[sl], self.pad_id,
+                      device=self.device)
+            teacher_logits = self.teacher.response_logits(tb)
+        targets.seconds += time.perf_counter() - tt
+        t_flat = teacher_logits[mask]
+        del teacher_logits
+        tl = self._token_loss(response_logits(self.student, sb)[mask], t_flat, sb.response_ids[mask])
+        return self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight, tl
+
+    def step_record(self, idx: list[int], rows: Rows, totals: list[float], sums: dict[str, float],
+                    grad_norm: float, skip_reason: str | None, t0: float, t_rollout: float,
+                    t_teacher: float, t_update: float) -> dict[str, Any]:
+        """The step's ``metrics.jsonl`` record (per-token figures over the global batch)."""
+        total_tokens, _, n_rows, n_truncated = totals
         tokens = max(total_tokens, 1.0)
         return {
             "type": "train",
@@ -540,9 +564,9 @@ class Trainer:
             "time_rollout": t_rollout,
             "time_teacher": t_teacher,
             "time_update": t_update,
-            **episode_figures,
-            **self.step_record_tail(idx, elapsed, total_tokens,
-                                    roll.texts[0] if roll.texts else "", skip_reason),
+            **rows.episode_figures,
+            **self.step_record_tail(idx, time.perf_counter() - t0, total_tokens,
+                                    rows.roll.texts[0] if rows.roll.texts else "", skip_reason),
         }
 
     def optimizer_step(self, loss: float) -> tuple[float, str | None]:
