@@ -195,6 +195,12 @@ def test_compare_paired_with_a_row(tiny_model_dir: Path, tiny_model_dir_other: P
     cache = json.loads((tmp_path / "out" / "cache.json").read_text())["cells"]
     # every cell keeps each item's score
     assert all(len(c["items"]) == 3 for c in cache.values())
+    # and its answers, in a file the cache names
+    for c in cache.values():
+        lines = (tmp_path / "out" / c["answers"]).read_text().splitlines()
+        head, answers = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+        assert head["row"] == c["row"] and len(answers) == 3
+        assert {a["id"]: a["score"] for a in answers} == c["items"]
     res = compare({**spec, "paired_with": "base"}, progress=False)
     assert res.evaluated == 0 and res.paired_with == "base"
     md = res.markdown.read_text()

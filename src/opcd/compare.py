@@ -27,6 +27,8 @@ Every cell is :func:`opcd.evaluate.evaluate` (mean ± standard error) and is cac
 with_context, eval settings): rerunning a comparison, or adding a row, only evaluates the
 new cells. ``reuse`` names other comparisons' output folders whose cached cells count as
 this table's (the key is the same computation, so a cell is only ever evaluated once).
+Each evaluated cell's answers, with their scores, are in ``<output>/answers/<key>.jsonl``
+(a first line naming the row and the column; the cache's ``answers`` field names the file).
 
 ``paired_with`` names a row (the base model, usually); every other row then also gets, per
 column, its *paired* difference to that row: the mean over the items both cells scored of
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from opcd.errors import ConfigError
+from opcd.jsonl import JsonlFile
 
 EVAL_DEFAULTS: dict[str, Any] = {
     "size": 100, "max_new_tokens": 256, "temperature": 1.0, "seed": 1234, "batch_size": 16,
@@ -93,6 +96,8 @@ class Cell:
     items: dict[str, float] = field(default_factory=dict)
     """Each item's score by item id (for paired differences; empty in caches written
     before they were kept, which are then evaluated again when a pairing needs them)."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """The scored answers (only for cells evaluated now; written to ``answers/``)."""
 
 
 def paired_difference(a: Cell, b: Cell) -> tuple[float, float, int] | None:
@@ -316,7 +321,8 @@ def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
                    temperature=settings["temperature"], seed=settings["seed"],
                    batch_size=settings["batch_size"])
     return Cell(res.score, res.stderr, res.n, details=dict(res.details),
-                items={str(r["id"]): float(r["score"]) for r in res.records})
+                items={str(r["id"]): float(r["score"]) for r in res.records},
+                records=res.records)
 
 
 def compare(
@@ -399,10 +405,13 @@ def compare(
                 tasks[tkey] = build_task(task_cfg)
             cell = _default_evaluator(model, tok, tasks[tkey], row, col, col.settings(settings))
             cells[row.label][col.label] = cell
+            (out / "answers").mkdir(exist_ok=True)
+            JsonlFile(out / "answers" / f"{key[:16]}.jsonl").rewrite(
+                [{"row": row.label, "task": col.label, "model": row.model}, *cell.records])
             cache.cells[key] = {"score": cell.score, "stderr": cell.stderr, "n": cell.n,
                                 "details": cell.details, "items": cell.items,
                                 "row": row.label, "model": row.model,
-                                "task": col.label}
+                                "task": col.label, "answers": f"answers/{key[:16]}.jsonl"}
             cache.save()  # every finished cell survives an interruption
             evaluated += 1
             say(f"{row.label} / {col.label}: {cell.score:.3f} ± {cell.stderr:.3f} (n={cell.n})")
