@@ -173,13 +173,28 @@ def test_paired_difference_removes_the_items_difficulty() -> None:
     # items of very different difficulty, the row one point above the base on each
     base = Cell(0.0, 0.0, 4, items={"a": 0.0, "b": 0.2, "c": 0.8, "d": 1.0})
     row = Cell(0.0, 0.0, 4, items={"a": 0.1, "b": 0.3, "c": 0.9, "d": 1.1, "e": 5.0})
-    mean, se, n = paired_difference(row, base)
-    assert n == 4 and mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    d = paired_difference(row, base)
+    assert d.n == 4 and d.mean == pytest.approx(0.1) and d.stderr == pytest.approx(0.0, abs=1e-12)
+    assert d.low == pytest.approx(0.1) and d.high == pytest.approx(0.1) and d.text().endswith("* (n=4)")
     # the difference's error is that of the differences, not of the scores
     row2 = Cell(0.0, 0.0, 4, items={"a": 0.0, "b": 0.4, "c": 0.8, "d": 1.2})
-    mean, se, n = paired_difference(row2, base)
-    assert mean == pytest.approx(0.1) and se == pytest.approx(0.0577350, rel=1e-5)
+    d = paired_difference(row2, base)
+    assert d.mean == pytest.approx(0.1) and d.stderr == pytest.approx(0.0577350, rel=1e-5)
+    assert d.low <= 0.0 < d.high and "*" not in d.text()  # differences 0 or 0.2: 0 inside
     assert paired_difference(Cell(0, 0, 0), base) is None
+
+
+def test_bootstrap_interval_is_repeatable_and_covers_the_mean() -> None:
+    from opcd.compare import bootstrap_ci
+
+    values = [float(i % 7) for i in range(200)]
+    low, high = bootstrap_ci(values)
+    assert (low, high) == bootstrap_ci(values)  # a fixed seed
+    mean = sum(values) / len(values)
+    se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+    # for 200 items the percentile interval is close to mean ± 1.96 standard errors
+    assert low == pytest.approx(mean - 1.96 * se, abs=0.4 * se)
+    assert high == pytest.approx(mean + 1.96 * se, abs=0.4 * se)
 
 
 def test_compare_paired_with_a_row(tiny_model_dir: Path, tiny_model_dir_other: Path,

@@ -32,7 +32,8 @@ Each evaluated cell's answers, with their scores, are in ``<output>/answers/<key
 
 ``paired_with`` names a row (the base model, usually); every other row then also gets, per
 column, its *paired* difference to that row: the mean over the items both cells scored of
-(row's score - that row's score), with the standard error of those differences. Every cell
+(row's score - that row's score), with the standard error of those differences and their
+95% percentile bootstrap interval. Every cell
 draws each item's answer from the same seed on the same prompt, so the per-item
 differences remove the items' own difficulty from the error: a change too small to show
 between two independent means shows here (see :func:`paired_difference`). Outputs: ``results.md`` and ``results.csv`` (the table), ``training.png`` (loss and
@@ -100,16 +101,49 @@ class Cell:
     """The scored answers (only for cells evaluated now; written to ``answers/``)."""
 
 
-def paired_difference(a: Cell, b: Cell) -> tuple[float, float, int] | None:
-    """Mean and standard error of ``a``'s minus ``b``'s score over the items both scored,
-    and their number; None when they share fewer than two items."""
+@dataclass(frozen=True)
+class Paired:
+    """A paired difference: mean, its standard error, a 95% bootstrap interval, n items."""
+
+    mean: float
+    stderr: float
+    low: float
+    high: float
+    n: int
+
+    def text(self) -> str:
+        star = " *" if not self.low <= 0.0 <= self.high else ""
+        return (f"{self.mean:+.3f} ± {self.stderr:.3f} [{self.low:+.3f}, {self.high:+.3f}]{star} "
+                f"(n={self.n})")
+
+
+def bootstrap_ci(values: list[float], *, resamples: int = 10_000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling the items with
+    replacement, ``resamples`` times, from a fixed seed: the same values give the same
+    interval)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def paired_difference(a: Cell, b: Cell) -> Paired | None:
+    """``a``'s minus ``b``'s score over the items both scored: mean, standard error and 95%
+    bootstrap interval of the per-item differences; None when they share fewer than two."""
     from opcd.evaluate import mean_stderr
 
     common = sorted(set(a.items) & set(b.items))
     if len(common) < 2:
         return None
-    mean, se = mean_stderr([a.items[i] - b.items[i] for i in common])
-    return mean, se, len(common)
+    diffs = [a.items[i] - b.items[i] for i in common]
+    mean, se = mean_stderr(diffs)
+    low, high = bootstrap_ci(diffs)
+    return Paired(mean, se, low, high, len(common))
 
 
 @dataclass
@@ -450,8 +484,9 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
     lines += ["", _settings_note(columns, settings, where)]
     if paired_with is not None:
         lines += ["", f"Paired difference to {paired_with!r} (mean over the items both scored of "
-                  "the row's score minus its score, ± the standard error of the differences; "
-                  "* where it is more than 2 standard errors from 0):", "",
+                  "the row's score minus its score, ± the standard error of the differences, "
+                  "[95% percentile bootstrap interval, 10,000 resamples of the items]; * where "
+                  "the interval excludes 0):", "",
                   "| row | " + " | ".join(c.label for c in columns) + " |",
                   "|" + "---|" * (len(columns) + 1)]
         for r in rows:
@@ -461,8 +496,7 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
             for c in columns:
                 a, b = cells[r.label].get(c.label), cells[paired_with].get(c.label)
                 d = paired_difference(a, b) if a and b else None
-                vals.append("-" if d is None else
-                            f"{d[0]:+.3f} ± {d[1]:.3f}{' *' if abs(d[0]) > 2 * d[1] else ''} (n={d[2]})")
+                vals.append("-" if d is None else d.text())
             lines.append("| " + " | ".join([r.label, *vals]) + " |")
     for c in columns:  # the tasks' own figures, one table per column that has any
         keys = sorted({k for r in rows for k in (cells[r.label].get(c.label) or Cell(0, 0, 0)).details})
