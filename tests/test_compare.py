@@ -55,7 +55,8 @@ def test_compare_end_to_end(tiny_model_dir: Path, tiny_model_dir_other: Path, tm
         "output": str(tmp_path / "out"),
     }
     res = compare(spec, progress=False)
-    assert res.evaluated == 10
+    # 10 cells; the two runs are copies of the same weights: their 2 cells are evaluated once
+    assert res.evaluated == 8
     md = res.markdown.read_text()
     for label in ("base", "in-context", "off-policy CD", "OPCD", "experience", "in-dist", "OOD"):
         assert label in md
@@ -66,7 +67,8 @@ def test_compare_end_to_end(tiny_model_dir: Path, tiny_model_dir_other: Path, tm
         assert 0.0 <= float(r["in-dist mean"]) <= 1.0 and int(r["OOD n"]) == 3
         assert float(r["in-dist stderr"]) >= 0.0
     assert res.plot is not None and res.plot.read_bytes()[:4] == b"\x89PNG"
-    # two runs of the same weights (copies) are evaluated, cached under their weights' hash
+    # the copies share their cells: cached under their weights' hash
+    assert res.cells["OPCD"]["in-dist"].score == res.cells["off-policy CD"]["in-dist"].score
     assert weights_id(str(off_run / "final")) == weights_id(str(opcd_run / "final"))
 
     # rerun through the CLI: every cell from the cache
@@ -232,3 +234,30 @@ def test_compare_paired_with_a_row(tiny_model_dir: Path, tiny_model_dir_other: P
     assert compare({**spec, "paired_with": "base"}, progress=False).evaluated == 2
     with pytest.raises(ConfigError, match="paired_with 'nobody' is not a row label"):
         parse_spec({**spec, "paired_with": "nobody"})
+
+
+def test_a_row_with_several_seeds(tiny_model_dir: Path, tiny_model_dir_other: Path,
+                                  tmp_path: Path) -> None:
+    from opcd.compare import Cell, seed_mean
+
+    task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
+    col = {"name": "system_prompt", "split": "eval", "label": "in-dist",
+           "task": {k: v for k, v in task.items() if k != "name"}}
+    spec = {"tasks": [col], "eval": {"size": 3, "max_new_tokens": 3, "batch_size": 4},
+            "rows": [{"label": "base", "model": str(tiny_model_dir)},
+                     {"label": "OPCD", "models": [str(tiny_model_dir), str(tiny_model_dir_other)]}],
+            "paired_with": "base", "output": str(tmp_path / "out")}
+    res = compare(spec, progress=False)
+    assert [r.label for r in res.rows] == ["base", "OPCD (seed 0)", "OPCD (seed 1)", "OPCD"]
+    assert res.evaluated == 2  # seed 0 is the base model: the same cell, evaluated once
+    s0, s1, mean = (res.cells[x]["in-dist"] for x in ("OPCD (seed 0)", "OPCD (seed 1)", "OPCD"))
+    assert mean.score == pytest.approx((s0.score + s1.score) / 2)
+    assert mean.items == {i: (s0.items[i] + s1.items[i]) / 2 for i in s0.items}
+    md = res.markdown.read_text()
+    assert "| OPCD | `2 seeds` |" in md and "| OPCD (seed 1) |" in md
+    one = seed_mean([Cell(0.5, 0.1, 4, items={"a": 1.0})])
+    assert one.stderr == 0.1 and one.items == {"a": 1.0}
+    with pytest.raises(ConfigError, match="needs a label"):
+        parse_spec({**spec, "rows": [{"models": ["a", "b"]}]})
+    with pytest.raises(ConfigError, match="give one of model, run, runs"):
+        parse_spec({**spec, "rows": [{"label": "x", "models": ["a"], "model": "b"}]})

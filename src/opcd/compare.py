@@ -10,6 +10,7 @@ A spec (YAML file or dict) names the columns, the rows and the evaluation settin
       - {label: in-context, model: qwen2.5-coder-0.5b-instruct, with_context: true}
       - {label: off-policy CD, run: runs/math-offpolicy}   # model: the run's final/
       - {label: OPCD, run: runs/math-opcd}
+      - {label: OPCD x3, runs: [runs/math-opcd-s0, runs/math-opcd-s1, runs/math-opcd-s2]}
       - {label: 0.5B + 1.5B experience, model: qwen2.5-coder-0.5b-instruct,
          with_context: true, context_file: runs/extract-1.5b/experience.txt}
     eval: {size: 100, max_new_tokens: 256, temperature: 1.0, seed: 1234, batch_size: 16}
@@ -29,6 +30,11 @@ new cells. ``reuse`` names other comparisons' output folders whose cached cells 
 this table's (the key is the same computation, so a cell is only ever evaluated once).
 Each evaluated cell's answers, with their scores, are in ``<output>/answers/<key>.jsonl``
 (a first line naming the row and the column; the cache's ``answers`` field names the file).
+
+A row with ``runs`` (or ``models``), a list with one trained model per training seed, is
+evaluated seed by seed (rows ``<label> (seed k)``) and shown as well as one row whose cells
+are the seeds' means: the mean score ± the standard error over seeds, and each item's mean
+over the seeds (:func:`seed_mean`), so its paired difference is per item, then over seeds.
 
 ``paired_with`` names a row (the base model, usually); every other row then also gets, per
 column, its *paired* difference to that row: the mean over the items both cells scored of
@@ -84,6 +90,10 @@ class Row:
     context: str | None = None
     context_file: str | None = None
     run: str | None = None
+    group: str | None = None
+    """For one training seed of a row given several (``runs:`` / ``models:``): that row's label."""
+    seeds: int = 0
+    """For a row given several seeds: how many (its cells are their means)."""
 
 
 @dataclass
@@ -198,7 +208,12 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
                               dict(col_eval)))
     rows: list[Row] = []
     for i, r in enumerate(_need(spec, "rows", "the spec")):
-        r = _check_keys(r, {"label", "model", "with_context", "context", "context_file", "run"}, f"rows[{i}]")
+        r = _check_keys(r, {"label", "model", "with_context", "context", "context_file", "run",
+                            "runs", "models"}, f"rows[{i}]")
+        many = r.get("runs") or r.get("models")
+        if many is not None:
+            rows.extend(_seed_rows(r, i))
+            continue
         run = r.get("run")
         model = r.get("model") or (str(Path(run) / "final") if run else None)
         if not model:
@@ -224,6 +239,44 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
     ev = _check_keys(spec.get("eval") or {}, set(EVAL_DEFAULTS), "eval")
     settings = {**EVAL_DEFAULTS, **ev}
     return columns, rows, settings, Path(spec.get("output") or "runs/compare")
+
+
+def _seed_rows(r: dict[str, Any], i: int) -> list[Row]:
+    """A row given one model per training seed (``runs: [...]`` or ``models: [...]``): a row
+    per seed, labelled ``<label> (seed k)``, then the row itself, whose cells are their means."""
+    key = "runs" if r.get("runs") else "models"
+    many = r[key]
+    if (not isinstance(many, list) or len(many) < 1 or not all(isinstance(x, str) for x in many)
+            or ("runs" in r and "models" in r) or r.get("run") or r.get("model")):
+        raise ConfigError(f"compare spec: rows[{i}]: give one of model, run, runs (a list of run "
+                          "folders, one per training seed) or models (a list).")
+    label = r.get("label")
+    if not label:
+        raise ConfigError(f"compare spec: rows[{i}] with {key} needs a label.")
+    out = []
+    for k, ref in enumerate(many):
+        one = {x: v for x, v in r.items() if x not in ("runs", "models")}
+        one["label"] = f"{label} (seed {k})"
+        one["run" if key == "runs" else "model"] = ref
+        row = parse_spec({"tasks": ["french"], "rows": [one]})[1][0]
+        out.append(dataclasses.replace(row, group=str(label)))
+    first = out[0]
+    return [*out, Row(str(label), f"{len(many)} seeds", first.with_context, first.context,
+                      first.context_file, None, seeds=len(many))]
+
+
+def seed_mean(cells: list[Cell]) -> Cell:
+    """The cell of a row given several training seeds: the mean of their scores, ± the
+    standard error over seeds (one seed: its own), and each item's mean score over the seeds
+    that all scored it (for paired differences: per item, then over seeds)."""
+    from opcd.evaluate import mean_stderr
+
+    mean, se = mean_stderr([c.score for c in cells])
+    if len(cells) == 1:
+        se = cells[0].stderr
+    common = set.intersection(*(set(c.items) for c in cells)) if cells else set()
+    items = {i: sum(c.items[i] for c in cells) / len(cells) for i in sorted(common)}
+    return Cell(mean, se, min(c.n for c in cells), cached=all(c.cached for c in cells), items=items)
 
 
 def _task_config() -> Any:
@@ -396,9 +449,12 @@ def compare(
 
     # plan: every cell's key, so that only missing cells load their model
     plan: dict[str, list[tuple[Column, Any, str]]] = {}
+    shared: list[tuple[str, str, tuple[str, str]]] = []
     cells: dict[str, dict[str, Cell]] = {r.label: {} for r in rows}
     wid_of: dict[str, str] = {}
     for row in rows:
+        if row.seeds:
+            continue  # its cells are its seeds' means, filled in below
         if row.model not in wid_of:
             wid_of[row.model] = weights_id(row.model, cache.hashes)
         for col in columns:
@@ -421,6 +477,17 @@ def compare(
                     items={str(k): float(v) for k, v in (hit.get("items") or {}).items()})
             else:
                 plan.setdefault(row.label, []).append((col, task_cfg, key))
+    # a cell two rows share (the same weights, task and settings) is evaluated once
+    first_of: dict[str, tuple[str, str]] = {}
+    for label in list(plan):
+        keep = []
+        for col, task_cfg, key in plan[label]:
+            if key in first_of:
+                shared.append((label, col.label, first_of[key]))
+            else:
+                first_of[key] = (label, col.label)
+                keep.append((col, task_cfg, key))
+        plan[label] = keep
     evaluated = 0
     tasks: dict[str, Any] = {}
     for row in rows:
@@ -452,6 +519,15 @@ def compare(
         del model, tok
         gc.collect()
     cache.save()
+    for label, col_label, (src_row, src_col) in shared:
+        cells[label][col_label] = dataclasses.replace(cells[src_row][src_col], cached=True)
+    for row in rows:
+        if row.seeds:
+            members = [r for r in rows if r.group == row.label]
+            for col in columns:
+                found = [cells[m.label][col.label] for m in members if col.label in cells[m.label]]
+                if len(found) == len(members):
+                    cells[row.label][col.label] = seed_mean(found)
     md_path, csv_path = out / "results.md", out / "results.csv"
     ckpt.atomic_write_text(md_path, format_markdown(rows, columns, cells, settings, paired))
     ckpt.atomic_write_text(csv_path, format_csv(rows, columns, cells))
