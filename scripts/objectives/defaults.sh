@@ -6,7 +6,8 @@
 # (docs/objectives.md), and the out-of-distribution checks, paired against the base. The
 # comparisons run on the students that exist so far (their cells are cached, so a later
 # run only adds the new students). ~50 s a training step on the 2-core CPU; finished cells
-# are skipped.
+# are skipped. GSM8K at 256 tokens takes ~12 min a model here: on 2026-12-01 only the base
+# and the Spanish student were evaluated on it (the session's time).
 set -u
 cd "$(dirname "$0")/../.."
 cell() { python scripts/objectives/run.py --minimal --keep-final "$@"; }
@@ -25,6 +26,6 @@ PY
 cell min-spanish-s0 task.behaviour=spanish_replies train.steps=32 eval.every=8
 ood
 for b in greeting bullet_points json_api; do
-  cell "min-$b-s0" "task.behaviour=$b" train.steps=16 eval.every=8
+  cell "min-$b-s0" "task.behaviour=$b" train.steps=16 eval.every=16
 done
 ood
