@@ -185,12 +185,13 @@ def test_trainer_with_rollout_dtype_auto_follows_the_probe(
 
     figures = {"float32": 2e-3, "bfloat16": 1e-3}
     monkeypatch.setattr(rollout_backends.probe, "product_seconds", lambda hidden, rows: figures)
-    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path))
-    assert cfg.rollout.dtype == "auto"
+    auto = {"max_new_tokens": 6, "batch_size": 4, "dtype": "auto"}
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, rollout=auto))
     trainer = Trainer(cfg, progress=False)
     assert next(trainer.backend.model.parameters()).dtype == torch.bfloat16
     figures["bfloat16"] = 4e-3
-    trainer = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path / "b")), progress=False)
+    trainer = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path / "b", rollout=auto)),
+                      progress=False)
     assert trainer.backend.model is trainer.student
 
 

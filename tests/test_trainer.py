@@ -32,7 +32,9 @@ def tiny_config(model_dir: Path, tmp_path: Path, **sections: dict[str, Any]) -> 
         "task": {"name": "system_prompt", "context": "Always answer in French.",
                  "prompts": str(write_prompts(tmp_path / "prompts.jsonl")),
                  "behaviour": "contains:la", "eval_fraction": 0.25},
-        "rollout": {"max_new_tokens": 6, "batch_size": 4},
+        # sampled with the training model itself: rollout.dtype=auto would time bf16 against
+        # fp32 on this tiny model's 32-wide products, a choice that flips with the CPU's load
+        "rollout": {"max_new_tokens": 6, "batch_size": 4, "dtype": "model"},
         "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
         # a random model follows no context: no in-context reference, no lift check
         "eval": {"size": 3, "max_new_tokens": 4, "with_context": False},
