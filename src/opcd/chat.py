@@ -28,7 +28,8 @@ def fill_template(template: str, context: str, prompt: str) -> str:
 
 
 def student_messages(example: Example) -> list[dict[str, str]]:
-    return [{"role": "user", "content": example.prompt}]
+    user = {"role": "user", "content": example.prompt}
+    return [{"role": "system", "content": example.system}, user] if example.system else [user]
 
 
 def insert_context(
@@ -39,12 +40,17 @@ def insert_context(
 ) -> list[dict[str, str]]:
     """``messages`` with ``context`` added (a new list; no context: the messages unchanged).
 
-    ``system``: a system message in front; ``user``: the first user turn becomes
-    ``user_template`` filled with the context and that turn's text.
+    ``system``: the context as the system message; where the conversation has a system
+    message of its own, the context goes in front of it in that one message (chat
+    templates differ on a second system message; some refuse it). ``user``: the first user
+    turn becomes ``user_template`` filled with the context and that turn's text.
     """
     if not context:
         return list(messages)
     if placement == "system":
+        if messages and messages[0]["role"] == "system":
+            merged = {"role": "system", "content": f"{context}\n\n{messages[0]['content']}"}
+            return [merged, *messages[1:]]
         return [{"role": "system", "content": context}, *messages]
     out = list(messages)
     for i, m in enumerate(out):

@@ -69,6 +69,14 @@ class TaskConfig:
     """Examples in the ``eval`` (validation) split (None: the task's default)."""
     test_size: int | None = None
     """Examples in the ``test`` split (None: the task's default)."""
+    other_system_prompt_share: float = 0.0
+    """OPCD: the share of training rows given a system message of their own, drawn from
+    ``other_system_prompts``: the student sees it, the teacher the context followed by it, so
+    the behaviour holds under a user's own system prompt (see
+    ``opcd.tasks.other_system_prompts``). 0: every row without one (the template's default)."""
+    other_system_prompts: str | None = None
+    """A text file with one system prompt per line for ``other_system_prompt_share`` (None:
+    the built-in pool of role, domain and tone prompts)."""
 
 
 @dataclass
@@ -647,6 +655,22 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"Config value rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
     if cfg.loss.objective == "jsd" and not 0 < cfg.loss.beta < 1:
         raise ConfigError(f"Config value loss.beta={cfg.loss.beta} must be strictly between 0 and 1.")
+    share = cfg.task.other_system_prompt_share
+    if not 0 <= share <= 1:
+        raise ConfigError(
+            f"Config value task.other_system_prompt_share={share} must be in [0, 1]: the share of "
+            "training rows given a system prompt from task.other_system_prompts."
+        )
+    if share > 0 and (cfg.method != "opcd" or cfg.task.name in ("frozenlake", "sokoban")):
+        raise ConfigError(
+            f"task.other_system_prompt_share={share} applies to OPCD's one-turn prompts only "
+            f"(method={cfg.method}, task.name={cfg.task.name}). Set it to 0."
+        )
+    if cfg.task.other_system_prompts is not None and share == 0:
+        raise ConfigError(
+            "task.other_system_prompts is set but task.other_system_prompt_share is 0, so no row "
+            "would use it. Set the share (e.g. 0.5) or remove task.other_system_prompts."
+        )
     if not 0 < cfg.task.eval_fraction < 1:
         raise ConfigError(
             f"Config value task.eval_fraction={cfg.task.eval_fraction} must be strictly between 0 and 1."

@@ -72,6 +72,7 @@ from opcd.sharding import (
 )
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
+from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
 from opcd.teacher import Teacher
 from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
 from opcd.tracking import Answers, Trackers
@@ -309,6 +310,9 @@ class Trainer:
             check_vllm_usable(self.device)  # before any model is loaded
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
+        self.other_system_prompts = OtherSystemPrompts(
+            tuple(load_pool(cfg.task.other_system_prompts)), cfg.task.other_system_prompt_share,
+            cfg.train.seed) if cfg.task.other_system_prompt_share > 0 else None
         self._say(f"loading student {cfg.model} ...")
         student, self.tokenizer = load_model(cfg.model, device=self.device)
         if self.tokenizer.pad_token_id is None:
@@ -404,14 +408,20 @@ class Trainer:
                 "tok_s": f"{m['tokens_per_s']:.1f}"}
 
     # ------------------------------------------------------------------ one step
-    def _prompt_pairs(self, idx: list[int]) -> list[PromptPair]:
+    def _prompt_pairs(self, idx: list[int], positions: list[int] | None = None) -> list[PromptPair]:
+        """The prompt pairs of the training examples ``idx``, at ``positions`` of the step's
+        batch (default 0, 1, ...; they seed the draw of other system prompts, if any)."""
+        mix = self.other_system_prompts
+        examples = [self.train_examples[i] for i in idx]
+        if mix is not None:
+            positions = list(range(len(idx))) if positions is None else positions
+            examples = [mix.apply(ex, self.step, pos) for ex, pos in zip(examples, positions, strict=True)]
         return [
             build_prompt_pair(
-                self.tokenizer, self.task, self.train_examples[i],
-                max_prompt_tokens=self.max_prompt_tokens,
+                self.tokenizer, self.task, ex, max_prompt_tokens=self.max_prompt_tokens,
                 truncate=self.cfg.rollout.truncate_prompts,
             )
-            for i in idx
+            for ex in examples
         ]
 
     def train_step(self) -> dict[str, Any]:
@@ -462,7 +472,7 @@ class Trainer:
                     backend=self.backend,
                 )
             return Rows(played.pairs, played.rollout, self._global_episode_figures(played))
-        pairs = self._prompt_pairs([idx[i] for i in mine])
+        pairs = self._prompt_pairs([idx[i] for i in mine], list(mine))
         with sampling:
             roll = self.backend.sample(
                 [p.student_ids for p in pairs], n=cfg.rollout.n,

@@ -34,12 +34,16 @@ def derive_seed(*parts: object) -> int:
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt x, with an optional per-example context c."""
+    """One prompt x, with an optional per-example context c and system message."""
 
     id: str
     prompt: str
     context: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    """The conversation's own system message, which student and teacher both see (the
+    teacher's with the context in front, see :func:`opcd.chat.insert_context`); None: the
+    chat template's default."""
 
 
 class Task(ABC):

@@ -1,0 +1,69 @@
+"""Other system prompts on training rows: the context's behaviour under a user's own system prompt.
+
+A student trained only on conversations without a system message (the chat template's
+default) learns the context's behaviour for that case alone. Under a deployment's own
+system prompt S it may then drop S's instructions, or apply the behaviour twice when the
+context is given as well (docs/objectives.md measures both on the behaviour suite). With
+``task.other_system_prompt_share`` > 0, that share of OPCD's training rows gets a system
+message S drawn from a pool: the student sees S, the teacher the context followed by S in
+one system message (:func:`opcd.chat.insert_context`), so the student learns the context's
+behaviour *together with* whatever else a system prompt asks. Evaluation is unchanged.
+
+The built-in pool (``data/other_system_prompts.txt``) holds role, domain and tone prompts and
+none of the behaviour suite's kinds of rule (languages, openings, closings, formats, word
+limits, casing, named personas), so the suite stays a fair out-of-distribution check.
+Where it sits: the trainer's prompt building (:meth:`opcd.trainer.Trainer._prompt_pairs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+from opcd.errors import DataError
+from opcd.tasks.base import Example, derive_seed
+
+BUILTIN_POOL = Path(__file__).parent / "data" / "other_system_prompts.txt"
+
+
+def load_pool(path: str | Path | None = None) -> list[str]:
+    """The non-blank lines of ``path`` (None: the built-in pool), one system prompt each."""
+    p = Path(path) if path is not None else BUILTIN_POOL
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise DataError(
+            f"task.other_system_prompts={str(p)!r} does not exist. Point it at a text file with "
+            "one system prompt per line, or remove it to use the built-in pool."
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"task.other_system_prompts={str(p)!r} cannot be read as UTF-8 text: {e}.") from None
+    pool = [line.strip() for line in lines if line.strip()]
+    if not pool:
+        raise DataError(
+            f"task.other_system_prompts={str(p)!r} has no system prompts. Write one per line."
+        )
+    return pool
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherSystemPrompts:
+    """Gives ``share`` of the training rows a system message from ``pool``."""
+
+    pool: tuple[str, ...]
+    share: float
+    seed: int
+
+    def apply(self, example: Example, step: int, position: int) -> Example:
+        """``example``, with a system message from the pool on ``share`` of the draws.
+
+        The draw depends on (seed, step, position) only, so a resumed run draws the same
+        rows. An example that has a system message of its own keeps it.
+        """
+        if self.share <= 0 or example.system is not None:
+            return example
+        rng = random.Random(derive_seed("other-system-prompt", self.seed, step, position))
+        if rng.random() >= self.share:
+            return example
+        return dataclasses.replace(example, system=rng.choice(self.pool))
