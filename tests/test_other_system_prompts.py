@@ -1,0 +1,90 @@
+"""Other system prompts on OPCD's training rows (task.other_system_prompt_share)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_trainer import tiny_config
+
+from opcd.chat import insert_context, student_messages
+from opcd.config import config_from_dict
+from opcd.errors import ConfigError, DataError
+from opcd.tasks.base import Example
+from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
+from opcd.trainer import Trainer
+
+
+def test_the_context_goes_in_front_of_the_conversations_own_system_message() -> None:
+    ex = Example(id="a", prompt="Hi?", system="You are a librarian.")
+    msgs = student_messages(ex)
+    assert msgs == [{"role": "system", "content": "You are a librarian."},
+                    {"role": "user", "content": "Hi?"}]
+    assert insert_context(msgs, "Reply in Spanish.") == [
+        {"role": "system", "content": "Reply in Spanish.\n\nYou are a librarian."},
+        {"role": "user", "content": "Hi?"}]
+    # user placement: the system message stays as it is, the context joins the user turn
+    assert insert_context(msgs, "C", "user") == [
+        {"role": "system", "content": "You are a librarian."}, {"role": "user", "content": "C\n\nHi?"}]
+    assert student_messages(Example(id="b", prompt="Hi?")) == [{"role": "user", "content": "Hi?"}]
+
+
+def test_draws_are_a_share_of_rows_and_repeat_for_the_same_step_and_position() -> None:
+    pool = ("S1", "S2", "S3")
+    ex = Example(id="a", prompt="q")
+    half = OtherSystemPrompts(pool, 0.5, seed=0)
+    draws = [half.apply(ex, step, pos).system for step in range(50) for pos in range(8)]
+    given = [d for d in draws if d is not None]
+    assert 0.4 < len(given) / len(draws) < 0.6
+    assert set(given) == set(pool)
+    assert [half.apply(ex, 3, p).system for p in range(8)] == draws[24:32]  # resumable
+    assert OtherSystemPrompts(pool, 0.5, seed=1).apply(ex, 0, 0) is not None
+    assert all(OtherSystemPrompts(pool, 1.0, 0).apply(ex, s, 0).system in pool for s in range(20))
+    assert OtherSystemPrompts(pool, 0.0, 0).apply(ex, 0, 0) is ex
+    own = Example(id="b", prompt="q", system="mine")
+    assert OtherSystemPrompts(pool, 1.0, 0).apply(own, 0, 0) is own
+
+
+def test_the_pool_is_read_from_a_file_and_bad_files_are_named(tmp_path: Path) -> None:
+    builtin = load_pool()
+    assert len(builtin) >= 20 and all(s.strip() == s and s for s in builtin)
+    f = tmp_path / "pool.txt"
+    f.write_text("\ufeffOne.\n\n  Two.  \n", encoding="utf-8")
+    assert load_pool(f) == ["One.", "Two."]
+    f.write_text("\n \n")
+    with pytest.raises(DataError, match="no system prompts"):
+        load_pool(f)
+    with pytest.raises(DataError, match="does not exist"):
+        load_pool(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "match"),
+    [({"other_system_prompt_share": 1.5}, {}, r"\[0, 1\]"),
+     ({"other_system_prompt_share": 0.5}, {"method": "ovd"}, "OPCD's one-turn prompts only"),
+     ({"other_system_prompts": "pool.txt"}, {}, "share is 0")],
+)
+def test_bad_settings_are_refused(tiny_model_dir: Path, tmp_path: Path, task: dict, extra: dict,
+                                  match: str) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path, task=task)
+    cfg.update(extra)
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(cfg)
+
+
+def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_text("You are a librarian.\n")
+    cfg = tiny_config(tiny_model_dir, tmp_path, task={"other_system_prompt_share": 1.0,
+                                                      "other_system_prompts": str(pool)})
+    trainer = Trainer(config_from_dict(cfg), progress=False)
+    for pair in trainer._prompt_pairs([0, 1]):
+        student = trainer.tokenizer.decode(pair.student_ids)
+        teacher = trainer.tokenizer.decode(pair.teacher_ids)
+        assert "librarian" in student and "French" not in student
+        assert teacher.index("French") < teacher.index("librarian")
+    plain = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path / "plain")), progress=False)
+    assert all("librarian" not in plain.tokenizer.decode(p.student_ids)
+               for p in plain._prompt_pairs([0, 1]))
