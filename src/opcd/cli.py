@@ -2,6 +2,7 @@
 
     opcd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     opcd eval --model PATH_OR_NAME --task TASK [--with-context] [--split eval] [--size N]
+    opcd eval MODEL_OR_RUN --harness TASK[,TASK] [--harness-include DIR] [--limit N]
     opcd demo [--run-dir DIR] [--steps N]
     opcd models                  list the embedded models and what is in the cache
     opcd models pull NAME        fetch, verify and prepare one
@@ -12,7 +13,8 @@
     opcd push RUN_DIR [REPO_ID] [--public | --private]
 
 Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
-``opcd.models.list_models`` / ``pull``). User errors (:class:`opcd.errors.OpcdError`) are
+``opcd.models.list_models`` / ``pull``; ``opcd eval --harness``: lm-evaluation-harness
+through ``opcd.harness.evaluate_harness``, an optional extra). User errors (:class:`opcd.errors.OpcdError`) are
 printed as one paragraph and exit with status 2. ``opcd train`` stopped by SIGINT / SIGTERM
 saves a checkpoint and exits with 130 / 143 (128 + the signal), saying to continue with
 ``--resume``.
@@ -42,11 +44,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.harness is not None:
+        return _cmd_eval_harness(args)
+    if (args.limit is not None or args.harness_include or args.num_fewshot is not None
+            or args.batch_size is not None or args.chat_template):
+        raise OpcdError("--limit, --num-fewshot, --batch-size, --chat-template and "
+                        "--harness-include go with --harness TASKS (lm-eval tasks); opcd's own "
+                        "tasks take --size N.")
+    if args.model is None or args.task is None:
+        raise OpcdError("`opcd eval` needs --model PATH_OR_NAME and --task TASK (opcd's own "
+                        "tasks), or MODEL_OR_RUN --harness TASKS (lm-eval tasks).")
     from opcd.api import evaluate_model
 
     res = evaluate_model(
         args.model, args.task, split=args.split, with_context=args.with_context, size=args.size,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        max_new_tokens=48 if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed,
         config=args.config, overrides=args.overrides, records_path=args.output_jsonl,
         judge=args.judge,
     )
@@ -60,6 +73,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(res.to_dict(), f, indent=1, ensure_ascii=False)
         print(f"responses written to {args.output}")
+    return 0
+
+
+def _cmd_eval_harness(args: argparse.Namespace) -> int:
+    """``opcd eval MODEL_OR_RUN --harness TASKS``: lm-eval on the model; a table, and with
+    --output the metrics, settings and every item's record as JSON."""
+    from opcd.harness import evaluate_harness
+
+    refs = ([args.model] if args.model else []) + list(args.overrides)
+    if len(refs) != 1:
+        raise OpcdError("`opcd eval --harness TASKS` takes one MODEL_OR_RUN (a run folder, a "
+                        f"packaged name or a model folder), got {refs or 'none'}.")
+    unused = [flag for flag, used in (
+        ("--task", args.task is not None), ("--with-context", args.with_context),
+        ("--judge", args.judge is not None), ("--split", args.split != "eval"),
+        ("--size", args.size is not None), ("--config", args.config is not None),
+        ("--output-jsonl", args.output_jsonl is not None),
+        ("--temperature", args.temperature != 1.0)) if used]
+    if unused:
+        raise OpcdError(f"{', '.join(unused)} do not apply to --harness (lm-eval's tasks set "
+                        "their own prompts and decoding); use --limit N to score fewer items.")
+    res = evaluate_harness(
+        refs[0], args.harness, include=args.harness_include or None, limit=args.limit,
+        num_fewshot=args.num_fewshot, seed=args.seed, max_gen_toks=args.max_new_tokens,
+        batch_size=8 if args.batch_size is None else args.batch_size,
+        apply_chat_template=args.chat_template,
+    )
+    limit = f", limit {args.limit}" if args.limit is not None else ""
+    print(f"lm-eval {res.lm_eval_version} on {res.location} ({res.settings['device']}, "
+          f"{res.settings['dtype']}{limit}, seed {args.seed}):")
+    print(res.table())
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(res.to_dict(), f, indent=1, ensure_ascii=False, default=str)
+        print(f"metrics and every item written to {args.output}")
     return 0
 
 
@@ -176,16 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar or step lines")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="score a model on a task, with or without the context")
-    e.add_argument("--model", required=True, help="registry name, local HF folder, GGUF file or hub id")
-    e.add_argument("--task", required=True, help="task name (e.g. french)")
+    e = sub.add_parser("eval", help="score a model on a task, with or without the context; "
+                       "--harness: on lm-eval tasks (optional extra)")
+    e.add_argument("--model", default=None, help="registry name, local HF folder, GGUF file or hub id")
+    e.add_argument("--task", default=None, help="task name (e.g. french)")
     e.add_argument("--with-context", action="store_true", help="put the task's context in the prompt")
     e.add_argument("--judge", default=None, metavar="MODEL",
                    help="rate the answers' quality with this model given the context (e.g. the "
                         "base model a run started from)")
     e.add_argument("--split", default="eval", help="train or eval (default: eval)")
     e.add_argument("--size", type=int, default=None, help="score only the first N examples")
-    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 48; with --harness: caps generation (default: each task's own)")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--config", default=None, help="a run config whose task section to use")
@@ -193,7 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-jsonl", default=None, metavar="PATH",
                    help="append each finished batch's records to PATH (JSONL); running the same "
                    "command again skips the items already there (resumable)")
-    e.add_argument("overrides", nargs="*", help="task overrides, e.g. task.context='...'")
+    h = e.add_argument_group(
+        "lm-evaluation-harness", "opcd eval MODEL_OR_RUN --harness TASK[,TASK] (needs "
+        'pip install "opcd[harness]"): MODEL_OR_RUN is a run folder (its final/ model), a '
+        "packaged name or a model folder")
+    h.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="lm-eval task names or task YAML files (opcd_tiny_qa is packaged)")
+    h.add_argument("--harness-include", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable)")
+    h.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N items of each task")
+    h.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
+    h.add_argument("--batch-size", type=int, default=None, help="default 8")
+    h.add_argument("--chat-template", action="store_true",
+                   help="format prompts with the model's chat template (instruct models)")
+    e.add_argument("overrides", nargs="*",
+                   help="task overrides, e.g. task.context='...' (with --harness: MODEL_OR_RUN)")
     e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="distil 'Always answer in French' into the packaged Qwen 0.5B")

@@ -18,6 +18,19 @@ A spec (YAML file or dict) names the columns, the rows and the evaluation settin
     reuse: [runs/compare-math]    # optional: take cells other tables already evaluated
     paired_with: base             # optional: every other row's difference to this row
 
+A column may instead be an lm-evaluation-harness task (:mod:`opcd.harness`; needs
+``pip install "opcd[harness]"``)::
+
+      - {harness: ifeval, metric: prompt_level_strict_acc, label: IFEval (OOD),
+         include: tasks/lm_eval, limit: 100, chat_template: true, max_gen_toks: 1280}
+
+``metric`` is one of the task's lm-eval metrics (a filtered one as ``exact_match,strict-match``);
+``include`` (a folder or a list) holds task YAML files of your own; ``limit`` defaults to the
+table's ``eval.size`` and the seed to its ``eval.seed``; ``num_fewshot``, ``max_gen_toks`` and
+``batch_size`` (default 8) are lm-eval's. A row with ``with_context`` and its own ``context`` /
+``context_file`` gets that text as lm-eval's system instruction; a row whose context would
+come from a task's config has none for lm-eval and shows ``-`` there.
+
 A column's ``task`` holds extra ``task.*`` keys (sizes, prompts, behaviour, context), and its
 ``eval`` overrides the table's ``eval`` settings for that column (a short verdict needs fewer
 new tokens than a worked solution); a row's ``context`` / ``context_file`` replaces the task's
@@ -76,6 +89,9 @@ class Column:
     task: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     """This column's overrides of the table's ``eval`` settings."""
+    harness: dict[str, Any] | None = None
+    """An lm-eval column: its metric, include folders, limit, ... (``name`` is the lm-eval
+    task, ``split`` is ``"harness"``); None for opcd's own tasks."""
 
     def settings(self, table: dict[str, Any]) -> dict[str, Any]:
         """The evaluation settings of this column's cells."""
@@ -198,6 +214,9 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
     for i, c in enumerate(_need(spec, "tasks", "the spec")):
         if isinstance(c, str):
             c = {"name": c}
+        if isinstance(c, dict) and "harness" in c:
+            columns.append(_harness_column(c, i))
+            continue
         c = _check_keys(c, {"name", "split", "label", "task", "eval"}, f"tasks[{i}]")
         name = str(_need(c, "name", f"tasks[{i}]"))
         split = str(c.get("split", "eval"))
@@ -239,6 +258,30 @@ def parse_spec(spec: dict[str, Any]) -> tuple[list[Column], list[Row], dict[str,
     ev = _check_keys(spec.get("eval") or {}, set(EVAL_DEFAULTS), "eval")
     settings = {**EVAL_DEFAULTS, **ev}
     return columns, rows, settings, Path(spec.get("output") or "runs/compare")
+
+
+HARNESS_KEYS = {"harness", "label", "metric", "include", "limit", "num_fewshot", "max_gen_toks",
+                "chat_template", "batch_size"}
+
+
+def _harness_column(c: dict[str, Any], i: int) -> Column:
+    """A ``{harness: TASK, metric: M, ...}`` column (see the module docstring)."""
+    c = _check_keys(c, HARNESS_KEYS, f"tasks[{i}]")
+    task = str(_need(c, "harness", f"tasks[{i}]"))
+    metric = str(_need(c, "metric", f"tasks[{i}] (an lm-eval column: which of its metrics)"))
+    include = c.get("include") or []
+    include = [include] if isinstance(include, str) else include
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
+        raise ConfigError(f"compare spec: tasks[{i}].include must be a folder or a list of folders.")
+    for key, low in (("limit", 1), ("num_fewshot", 0), ("max_gen_toks", 1), ("batch_size", 1)):
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"compare spec: tasks[{i}].{key} must be an integer >= {low}, got {v!r}.")
+    settings = {"metric": metric, "include": list(include), "limit": c.get("limit"),
+                "num_fewshot": c.get("num_fewshot"), "max_gen_toks": c.get("max_gen_toks"),
+                "chat_template": bool(c.get("chat_template", False)),
+                "batch_size": int(c.get("batch_size") or 8)}
+    return Column(str(c.get("label") or f"{task} ({metric})"), task, "harness", harness=settings)
 
 
 def _seed_rows(r: dict[str, Any], i: int) -> list[Row]:
@@ -412,6 +455,76 @@ def _default_evaluator(model: Any, tok: Any, task: Any, row: Row, col: Column,
                 records=res.records)
 
 
+def _row_context(row: Row) -> str | None:
+    """The context a row gives itself (``context`` / ``context_file``) when ``with_context``."""
+    from opcd.tasks.base import read_context_file
+
+    if not row.with_context:
+        return None
+    if row.context is not None:
+        return row.context
+    return read_context_file(str(row.context_file)) if row.context_file is not None else None
+
+
+def _folder_digest(folder: str) -> str:
+    """sha256 of a task folder's files (names and contents): a changed task file is a new cell."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"compare spec: the lm-eval task folder {folder!r} does not exist.")
+    h = hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.is_file() and "__pycache__" not in x.parts):
+        h.update(f"{f.relative_to(root)}:{_sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _harness_limit(col: Column, settings: dict[str, Any]) -> int | None:
+    assert col.harness is not None
+    limit = col.harness["limit"]
+    return limit if limit is not None else settings.get("size")
+
+
+def _harness_key(col: Column, row: Row, weights: str, settings: dict[str, Any]) -> str:
+    """The cache key of an lm-eval cell: weights, task, its task files, settings, context."""
+    from opcd.harness import LM_EVAL_VERSION, PACKAGED_TASKS
+
+    assert col.harness is not None
+    h = {**col.harness, "include": [_folder_digest(x) for x in col.harness["include"]],
+         "packaged": _folder_digest(str(PACKAGED_TASKS)), "limit": _harness_limit(col, settings),
+         "seed": settings["seed"], "context": _row_context(row)}
+    return hashlib.sha256(json.dumps({
+        "weights": weights, "harness": col.name, "settings": h, "lm_eval": LM_EVAL_VERSION,
+    }, sort_keys=True).encode()).hexdigest()
+
+
+def _harness_evaluator(row: Row, col: Column, settings: dict[str, Any]) -> Cell:
+    """An lm-eval cell: the column's metric of ``row``'s model (:mod:`opcd.harness`)."""
+    from opcd.harness import evaluate_harness
+
+    h = col.harness
+    assert h is not None
+    res = evaluate_harness(
+        row.model, [col.name], include=h["include"] or None, limit=_harness_limit(col, settings),
+        num_fewshot=h["num_fewshot"], seed=settings["seed"], max_gen_toks=h["max_gen_toks"],
+        batch_size=h["batch_size"], apply_chat_template=h["chat_template"],
+        system_instruction=_row_context(row),
+    )
+    values = res.metrics.get(col.name, {})
+    metric = h["metric"]
+    if values.get(metric) is None:
+        known = sorted(k for k in values if not k.endswith("_stderr"))
+        raise ConfigError(f"compare spec: lm-eval's {col.name!r} gave no metric {metric!r}; it "
+                          f"gave {known}. Set the column's metric to one of them.")
+    se = values.get(f"{metric}_stderr")
+    base, _, filt = metric.partition(",")
+    records = [json.loads(json.dumps(
+        {"id": str(x.get("doc_id")), "score": x.get(base), "target": x.get("target"),
+         "response": x.get("filtered_resps")}, default=str))
+        for x in res.samples.get(col.name, []) if x.get("filter", "none") == (filt or "none")]
+    items = res.items.get(col.name, {}).get(metric, {})
+    return Cell(float(values[metric] or 0.0), float("nan") if se is None else float(se),
+                res.n.get(col.name, len(items)), items=dict(items), records=records)
+
+
 def compare(
     spec: str | Path | dict[str, Any],
     *,
@@ -459,12 +572,17 @@ def compare(
             wid_of[row.model] = weights_id(row.model, cache.hashes)
         for col in columns:
             col_settings = col.settings(settings)
-            task_cfg, ident = _cell_task(col, row, col_settings["batch_size"])
-            key = hashlib.sha256(json.dumps({
-                "weights": wid_of[row.model], "task": ident, "split": col.split,
-                "with_context": row.with_context, "eval": col_settings,
-                "sampling": EVAL_SAMPLING,
-            }, sort_keys=True).encode()).hexdigest()
+            if col.harness is not None:
+                if row.with_context and _row_context(row) is None:
+                    continue  # no context of its own to give lm-eval: the cell shows '-'
+                task_cfg, key = None, _harness_key(col, row, wid_of[row.model], col_settings)
+            else:
+                task_cfg, ident = _cell_task(col, row, col_settings["batch_size"])
+                key = hashlib.sha256(json.dumps({
+                    "weights": wid_of[row.model], "task": ident, "split": col.split,
+                    "with_context": row.with_context, "eval": col_settings,
+                    "sampling": EVAL_SAMPLING,
+                }, sort_keys=True).encode()).hexdigest()
             hit = cache.cells.get(key)
             if hit is None and key in borrowed:
                 hit = cache.cells[key] = borrowed[key]
@@ -494,17 +612,24 @@ def compare(
         todo = plan.get(row.label)
         if not todo:
             continue
-        from opcd.models import load_model
+        model = tok = None
+        if any(col.harness is None for col, _, _ in todo):  # lm-eval loads its own copy
+            from opcd.models import load_model
 
-        say(f"loading {row.model} for row {row.label!r} ...")
-        model, tok = load_model(row.model)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+            say(f"loading {row.model} for row {row.label!r} ...")
+            model, tok = load_model(row.model)
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
         for col, task_cfg, key in todo:
-            tkey = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
-            if tkey not in tasks:
-                tasks[tkey] = build_task(task_cfg)
-            cell = _default_evaluator(model, tok, tasks[tkey], row, col, col.settings(settings))
+            if col.harness is not None:
+                say(f"lm-eval {col.name} on {row.model} for row {row.label!r} ...")
+                cell = _harness_evaluator(row, col, col.settings(settings))
+            else:
+                tkey = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
+                if tkey not in tasks:
+                    tasks[tkey] = build_task(task_cfg)
+                cell = _default_evaluator(model, tok, tasks[tkey], row, col,
+                                          col.settings(settings))
             cells[row.label][col.label] = cell
             (out / "answers").mkdir(exist_ok=True)
             JsonlFile(out / "answers" / f"{key[:16]}.jsonl").rewrite(
@@ -556,7 +681,8 @@ def format_markdown(rows: list[Row], columns: list[Column], cells: dict[str, dic
             vals.append(f"{cell.score:.3f} ± {cell.stderr:.3f}" if cell else "-")
         model = r.run or r.model
         lines.append("| " + " | ".join([r.label, f"`{model}`", _context_note(r), *vals]) + " |")
-    where = ", ".join(f"{c.label} = {c.name}/{c.split}" for c in columns)
+    where = ", ".join(f"{c.label} = lm-eval {c.name} ({c.harness['metric']})" if c.harness
+                      else f"{c.label} = {c.name}/{c.split}" for c in columns)
     lines += ["", _settings_note(columns, settings, where)]
     if paired_with is not None:
         lines += ["", f"Paired difference to {paired_with!r} (mean over the items both scored of "
