@@ -33,16 +33,20 @@ def test_draws_are_a_share_of_rows_and_repeat_for_the_same_step_and_position() -
     pool = ("S1", "S2", "S3")
     ex = Example(id="a", prompt="q")
     half = OtherSystemPrompts(pool, 0.5, seed=0)
-    draws = [half.apply(ex, step, pos).system for step in range(50) for pos in range(8)]
+    draws = [half.apply(ex, step, pos)[0].system for step in range(50) for pos in range(8)]
     given = [d for d in draws if d is not None]
     assert 0.4 < len(given) / len(draws) < 0.6
     assert set(given) == set(pool)
-    assert [half.apply(ex, 3, p).system for p in range(8)] == draws[24:32]  # resumable
-    assert OtherSystemPrompts(pool, 0.5, seed=1).apply(ex, 0, 0) is not None
-    assert all(OtherSystemPrompts(pool, 1.0, 0).apply(ex, s, 0).system in pool for s in range(20))
-    assert OtherSystemPrompts(pool, 0.0, 0).apply(ex, 0, 0) is ex
+    assert [half.apply(ex, 3, p)[0].system for p in range(8)] == draws[24:32]  # resumable
+    assert OtherSystemPrompts(pool, 1.0, seed=1).apply(ex, 0, 0)[0].system in pool
+    assert all(OtherSystemPrompts(pool, 1.0, 0).apply(ex, s, 0)[0].system in pool
+               for s in range(20))
+    assert OtherSystemPrompts(pool, 0.0, 0).apply(ex, 0, 0) == (ex, True)
     own = Example(id="b", prompt="q", system="mine")
-    assert OtherSystemPrompts(pool, 1.0, 0).apply(own, 0, 0) is own
+    assert OtherSystemPrompts(pool, 1.0, 0).apply(own, 0, 0) == (own, True)
+    # the teacher sees the context on a drawn row when composing, not when replacing
+    assert OtherSystemPrompts(pool, 1.0, 0, "compose").apply(ex, 0, 0)[1] is True
+    assert OtherSystemPrompts(pool, 1.0, 0, "replace").apply(ex, 0, 0)[1] is False
 
 
 def test_the_pool_is_read_from_a_file_and_bad_files_are_named(tmp_path: Path) -> None:
@@ -62,7 +66,7 @@ def test_the_pool_is_read_from_a_file_and_bad_files_are_named(tmp_path: Path) ->
     ("task", "extra", "match"),
     [({"other_system_prompt_share": 1.5}, {}, r"\[0, 1\]"),
      ({"other_system_prompt_share": 0.5}, {"method": "ovd"}, "OPCD's one-turn prompts only"),
-     ({"other_system_prompts": "pool.txt"}, {}, "share is 0")],
+     ({"other_system_prompts": "pool.txt", "other_system_prompt_share": 0}, {}, "share is 0")],
 )
 def test_bad_settings_are_refused(tiny_model_dir: Path, tmp_path: Path, task: dict, extra: dict,
                                   match: str) -> None:
@@ -85,6 +89,33 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
         teacher = trainer.tokenizer.decode(pair.teacher_ids)
         assert "librarian" in student and "French" not in student
         assert teacher.index("French") < teacher.index("librarian")
-    plain = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path / "plain")), progress=False)
-    assert all("librarian" not in plain.tokenizer.decode(p.student_ids)
-               for p in plain._prompt_pairs([0, 1]))
+    off = tiny_config(tiny_model_dir, tmp_path / "off", task={"other_system_prompt_share": 0})
+    replace = tiny_config(tiny_model_dir, tmp_path / "replace", task={
+        "other_system_prompt_share": 1.0, "other_system_prompts": str(pool),
+        "other_system_prompt_mode": "replace"})
+    replacing = Trainer(config_from_dict(replace), progress=False)
+    for pair in replacing._prompt_pairs([0, 1]):  # the teacher's prompt is the student's
+        assert pair.teacher_ids == pair.student_ids
+        assert "librarian" in replacing.tokenizer.decode(pair.teacher_ids)
+    plain = Trainer(config_from_dict(off), progress=False)
+    assert plain.other_system_prompts is None
+    assert all(plain.tokenizer.decode(p.student_ids).count("<|im_start|>system") <= 1
+               and "French" not in plain.tokenizer.decode(p.student_ids)
+               for p in plain._prompt_pairs([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize(("task", "method", "share"), [
+    ({}, "opcd", 0.5),  # unset, context in the system message: the default share
+    ({"placement": "user"}, "opcd", 0.0),  # context in the user turn: none
+    ({"other_system_prompt_share": 0.25}, "opcd", 0.25),
+    ({}, "offpolicy", 0.0),
+])
+def test_the_default_share_is_for_opcd_with_the_context_in_the_system_message(
+    task: dict, method: str, share: float
+) -> None:
+    from opcd.tasks import build_task
+    from opcd.tasks.other_system_prompts import other_system_prompt_share
+
+    cfg = config_from_dict({"model": "m", "method": method, "task": {"name": "french", **task}})
+    built = build_task(cfg.task)
+    assert other_system_prompt_share(cfg.task.other_system_prompt_share, built, method) == share

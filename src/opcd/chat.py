@@ -98,10 +98,13 @@ def build_prompt_pair(
     *,
     max_prompt_tokens: int,
     truncate: bool = False,
+    with_context: bool = True,
 ) -> PromptPair:
-    """Encode both prompts; refuse (or left-truncate, when configured) over-long ones."""
+    """Encode both prompts; refuse (or left-truncate, when configured) over-long ones.
+    ``with_context=False``: the teacher's prompt is the student's (a row on which the
+    teacher stands for the model without the context)."""
     s_ids = encode_chat(tokenizer, student_messages(example))
-    t_ids = encode_chat(tokenizer, teacher_messages(task, example))
+    t_ids = encode_chat(tokenizer, teacher_messages(task, example)) if with_context else list(s_ids)
     truncated = False
     for name, ids in (("student", s_ids), ("teacher", t_ids)):
         if len(ids) > max_prompt_tokens:

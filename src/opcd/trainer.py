@@ -72,7 +72,11 @@ from opcd.sharding import (
 )
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
-from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
+from opcd.tasks.other_system_prompts import (
+    OtherSystemPrompts,
+    load_pool,
+    other_system_prompt_share,
+)
 from opcd.teacher import Teacher
 from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
 from opcd.tracking import Answers, Trackers
@@ -310,9 +314,16 @@ class Trainer:
             check_vllm_usable(self.device)  # before any model is loaded
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
-        self.other_system_prompts = OtherSystemPrompts(
-            tuple(load_pool(cfg.task.other_system_prompts)), cfg.task.other_system_prompt_share,
-            cfg.train.seed) if cfg.task.other_system_prompt_share > 0 else None
+        share = other_system_prompt_share(cfg.task.other_system_prompt_share, self.task,
+                                          self.method)
+        self.other_system_prompts = None
+        if share > 0:
+            pool = tuple(load_pool(cfg.task.other_system_prompts))
+            self.other_system_prompts = OtherSystemPrompts(
+                pool, share, cfg.train.seed, cfg.task.other_system_prompt_mode)
+            self._say(f"other system prompts: {share:.0%} of the training rows get one of "
+                      f"{len(pool)} ({cfg.task.other_system_prompts or 'the built-in pool'}), "
+                      f"(task.other_system_prompt_share, mode {cfg.task.other_system_prompt_mode})")
         self._say(f"loading student {cfg.model} ...")
         student, self.tokenizer = load_model(cfg.model, device=self.device)
         if self.tokenizer.pad_token_id is None:
@@ -412,16 +423,17 @@ class Trainer:
         """The prompt pairs of the training examples ``idx``, at ``positions`` of the step's
         batch (default 0, 1, ...; they seed the draw of other system prompts, if any)."""
         mix = self.other_system_prompts
-        examples = [self.train_examples[i] for i in idx]
+        rows = [(self.train_examples[i], True) for i in idx]
         if mix is not None:
             positions = list(range(len(idx))) if positions is None else positions
-            examples = [mix.apply(ex, self.step, pos) for ex, pos in zip(examples, positions, strict=True)]
+            rows = [mix.apply(ex, self.step, pos)
+                    for (ex, _), pos in zip(rows, positions, strict=True)]
         return [
             build_prompt_pair(
                 self.tokenizer, self.task, ex, max_prompt_tokens=self.max_prompt_tokens,
-                truncate=self.cfg.rollout.truncate_prompts,
+                truncate=self.cfg.rollout.truncate_prompts, with_context=with_context,
             )
-            for ex in examples
+            for ex, with_context in rows
         ]
 
     def train_step(self) -> dict[str, Any]:

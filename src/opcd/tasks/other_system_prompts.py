@@ -7,7 +7,10 @@ context is given as well (docs/objectives.md measures both on the behaviour suit
 ``task.other_system_prompt_share`` > 0, that share of OPCD's training rows gets a system
 message S drawn from a pool: the student sees S, the teacher the context followed by S in
 one system message (:func:`opcd.chat.insert_context`), so the student learns the context's
-behaviour *together with* whatever else a system prompt asks. Evaluation is unchanged.
+behaviour *together with* whatever else a system prompt asks (``task.other_system_prompt_mode:
+compose``); or the teacher sees S alone (``replace``), so the context becomes the model's
+default system prompt, which a user's own replaces, as it would in context. Evaluation is
+unchanged.
 
 The built-in pool (``data/other_system_prompts.txt``) holds role, domain and tone prompts and
 none of the behaviour suite's kinds of rule (languages, openings, closings, formats, word
@@ -22,9 +25,21 @@ import random
 from pathlib import Path
 
 from opcd.errors import DataError
-from opcd.tasks.base import Example, derive_seed
+from opcd.tasks.base import Example, Task, derive_seed
 
 BUILTIN_POOL = Path(__file__).parent / "data" / "other_system_prompts.txt"
+DEFAULT_SHARE = 0.5
+"""``task.other_system_prompt_share`` when unset, for system-prompt distillation with OPCD."""
+
+
+def other_system_prompt_share(configured: float | None, task: Task, method: str) -> float:
+    """The share in force: ``configured`` (``task.other_system_prompt_share``), or when unset
+    :data:`DEFAULT_SHARE` for OPCD on a one-turn task whose context goes in the system
+    message, else 0."""
+    if configured is not None:
+        return configured
+    one_turn_system = task.placement == "system" and not task.multi_turn
+    return DEFAULT_SHARE if method == "opcd" and one_turn_system else 0.0
 
 
 def load_pool(path: str | Path | None = None) -> list[str]:
@@ -49,21 +64,29 @@ def load_pool(path: str | Path | None = None) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class OtherSystemPrompts:
-    """Gives ``share`` of the training rows a system message from ``pool``."""
+    """Gives ``share`` of the training rows a system message from ``pool``.
+
+    ``mode`` says what the teacher sees on those rows: ``compose``, the context in front of
+    the row's system message (the behaviour holds under any system prompt); ``replace``,
+    the row's system message alone (the context acts as the model's default system prompt,
+    which a user's own system prompt replaces, as it would in context).
+    """
 
     pool: tuple[str, ...]
     share: float
     seed: int
+    mode: str = "compose"
 
-    def apply(self, example: Example, step: int, position: int) -> Example:
-        """``example``, with a system message from the pool on ``share`` of the draws.
+    def apply(self, example: Example, step: int, position: int) -> tuple[Example, bool]:
+        """``example``, with a system message from the pool on ``share`` of the draws, and
+        whether the teacher sees the context on this row.
 
         The draw depends on (seed, step, position) only, so a resumed run draws the same
         rows. An example that has a system message of its own keeps it.
         """
         if self.share <= 0 or example.system is not None:
-            return example
+            return example, True
         rng = random.Random(derive_seed("other-system-prompt", self.seed, step, position))
         if rng.random() >= self.share:
-            return example
-        return dataclasses.replace(example, system=rng.choice(self.pool))
+            return example, True
+        return dataclasses.replace(example, system=rng.choice(self.pool)), self.mode == "compose"
