@@ -424,6 +424,12 @@ class _Cache:
 
 
 # --------------------------------------------------------------------------- the table
+_TRAINING_ONLY = frozenset({"other_system_prompt_share", "other_system_prompts",
+                            "other_system_prompt_mode"})
+"""Task settings that shape training rows only: not part of a cell's identity (an evaluation
+does not read them, and the cache keys of tables made before they existed stay valid)."""
+
+
 def _cell_task(col: Column, row: Row, batch_size: int) -> tuple[Any, dict[str, Any]]:
     """The task config of a cell (validated) and the part of it that identifies the cell."""
     from opcd.config import config_from_dict
@@ -436,7 +442,7 @@ def _cell_task(col: Column, row: Row, batch_size: int) -> tuple[Any, dict[str, A
         task.pop("context_file", None)
         task["context"] = context
     cfg = config_from_dict({"task": task, "rollout": {"batch_size": batch_size}})
-    ident = dataclasses.asdict(cfg.task)
+    ident = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in _TRAINING_ONLY}
     if ident.get("context_file"):  # identify a context file by its content, not its path
         ident["context"] = read_context_file(ident.pop("context_file"))
     return cfg.task, ident
