@@ -261,3 +261,15 @@ def test_a_row_with_several_seeds(tiny_model_dir: Path, tiny_model_dir_other: Pa
         parse_spec({**spec, "rows": [{"models": ["a", "b"]}]})
     with pytest.raises(ConfigError, match="give one of model, run, runs"):
         parse_spec({**spec, "rows": [{"label": "x", "models": ["a"], "model": "b"}]})
+
+
+def test_a_cells_identity_leaves_out_settings_only_training_reads() -> None:
+    from opcd.compare import _cell_task
+
+    spec = {"tasks": [{"name": "french", "label": "x", "task": {"other_system_prompt_share": 0.5}},
+                      "french"],
+            "rows": [{"label": "a", "model": "m"}]}
+    cols, rows, _, _ = parse_spec(spec)
+    shared, plain = (_cell_task(c, rows[0], 4)[1] for c in cols)
+    assert shared == plain and "other_system_prompt_share" not in plain
+    assert plain["name"] == "french" and "context" in plain
