@@ -102,20 +102,3 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
     assert all(plain.tokenizer.decode(p.student_ids).count("<|im_start|>system") <= 1
                and "French" not in plain.tokenizer.decode(p.student_ids)
                for p in plain._prompt_pairs([0, 1, 2, 3]))
-
-
-@pytest.mark.parametrize(("task", "method", "share"), [
-    ({}, "opcd", 0.5),  # unset, context in the system message: the default share
-    ({"placement": "user"}, "opcd", 0.0),  # context in the user turn: none
-    ({"other_system_prompt_share": 0.25}, "opcd", 0.25),
-    ({}, "offpolicy", 0.0),
-])
-def test_the_default_share_is_for_opcd_with_the_context_in_the_system_message(
-    task: dict, method: str, share: float
-) -> None:
-    from opcd.tasks import build_task
-    from opcd.tasks.other_system_prompts import other_system_prompt_share
-
-    cfg = config_from_dict({"model": "m", "method": method, "task": {"name": "french", **task}})
-    built = build_task(cfg.task)
-    assert other_system_prompt_share(cfg.task.other_system_prompt_share, built, method) == share

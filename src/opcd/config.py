@@ -69,13 +69,12 @@ class TaskConfig:
     """Examples in the ``eval`` (validation) split (None: the task's default)."""
     test_size: int | None = None
     """Examples in the ``test`` split (None: the task's default)."""
-    other_system_prompt_share: float | None = None
+    other_system_prompt_share: float = 0.0
     """OPCD: the share of training rows given a system message of their own, drawn from
-    ``other_system_prompts``: the student sees it, the teacher the context followed by it, so
-    the behaviour holds under a user's own system prompt and the student still follows that
-    prompt (see ``opcd.tasks.other_system_prompts``). 0: every row without one (the chat
-    template's default). None: 0.5 where the context goes in the system message (system-prompt
-    distillation), else 0."""
+    ``other_system_prompts`` (see ``other_system_prompt_mode`` and
+    ``opcd.tasks.other_system_prompts``). 0: every row without one (the chat template's
+    default). Off by default: on the behaviour suite neither mode kept the other system
+    prompts' rates at the base's (docs/objectives.md)."""
     other_system_prompts: str | None = None
     """A text file with one system prompt per line for ``other_system_prompt_share`` (None:
     the built-in pool of role, domain and tone prompts)."""
@@ -663,9 +662,7 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.loss.objective == "jsd" and not 0 < cfg.loss.beta < 1:
         raise ConfigError(f"Config value loss.beta={cfg.loss.beta} must be strictly between 0 and 1.")
     share = cfg.task.other_system_prompt_share
-    if share is None:
-        share = 0.0  # resolved by the trainer from the task's placement
-    elif not 0 <= share <= 1:
+    if not 0 <= share <= 1:
         raise ConfigError(
             f"Config value task.other_system_prompt_share={share} must be in [0, 1]: the share of "
             "training rows given a system prompt from task.other_system_prompts."
@@ -675,7 +672,7 @@ def _check_ranges(cfg: Config) -> None:
             f"task.other_system_prompt_share={share} applies to OPCD's one-turn prompts only "
             f"(method={cfg.method}, task.name={cfg.task.name}). Set it to 0."
         )
-    if cfg.task.other_system_prompts is not None and cfg.task.other_system_prompt_share == 0:
+    if cfg.task.other_system_prompts is not None and share == 0:
         raise ConfigError(
             "task.other_system_prompts is set but task.other_system_prompt_share is 0, so no row "
             "would use it. Set the share (e.g. 0.5) or remove task.other_system_prompts."

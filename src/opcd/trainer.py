@@ -72,11 +72,7 @@ from opcd.sharding import (
 )
 from opcd.tasks import Task, build_task
 from opcd.tasks.base import derive_seed
-from opcd.tasks.other_system_prompts import (
-    OtherSystemPrompts,
-    load_pool,
-    other_system_prompt_share,
-)
+from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
 from opcd.teacher import Teacher
 from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
 from opcd.tracking import Answers, Trackers
@@ -314,8 +310,7 @@ class Trainer:
             check_vllm_usable(self.device)  # before any model is loaded
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
-        share = other_system_prompt_share(cfg.task.other_system_prompt_share, self.task,
-                                          self.method)
+        share = cfg.task.other_system_prompt_share
         self.other_system_prompts = None
         if share > 0:
             pool = tuple(load_pool(cfg.task.other_system_prompts))

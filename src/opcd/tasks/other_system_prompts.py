@@ -25,23 +25,9 @@ import random
 from pathlib import Path
 
 from opcd.errors import DataError
-from opcd.tasks.base import Example, Task, derive_seed
+from opcd.tasks.base import Example, derive_seed
 
 BUILTIN_POOL = Path(__file__).parent / "data" / "other_system_prompts.txt"
-DEFAULT_SHARE = 0.5
-"""``task.other_system_prompt_share`` when unset, for system-prompt distillation with OPCD."""
-
-
-def other_system_prompt_share(configured: float | None, task: Task, method: str) -> float:
-    """The share in force: ``configured`` (``task.other_system_prompt_share``), or when unset
-    :data:`DEFAULT_SHARE` for OPCD on a one-turn task whose context goes in the system
-    message, else 0."""
-    if configured is not None:
-        return configured
-    one_turn_system = task.placement == "system" and not task.multi_turn
-    return DEFAULT_SHARE if method == "opcd" and one_turn_system else 0.0
-
-
 def load_pool(path: str | Path | None = None) -> list[str]:
     """The non-blank lines of ``path`` (None: the built-in pool), one system prompt each."""
     p = Path(path) if path is not None else BUILTIN_POOL
