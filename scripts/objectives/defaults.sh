@@ -25,7 +25,14 @@ PY
 }
 cell min-spanish-s0 task.behaviour=spanish_replies train.steps=32 eval.every=8
 ood
-for b in greeting bullet_points json_api; do
+for b in greeting bullet_points; do
   cell "min-$b-s0" "task.behaviour=$b" train.steps=16 eval.every=16
 done
+cell min-json_api-s0 task.behaviour=json_api train.steps=16 eval.every=8
 ood
+# a system prompt outside the suite, written for this check (issue 18: "do not tune to the suite")
+cell min-german-s0 task.name=system_prompt \
+  "task.context=You are the customer assistant of a shop in Berlin. Always reply in German, even when the customer writes in English." \
+  task.prompts=src/opcd/tasks/data/general_questions.jsonl task.behaviour=language:de \
+  train.steps=16 eval.every=8
+opcd compare scripts/objectives/ood_german.yaml

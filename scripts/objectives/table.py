@@ -33,7 +33,7 @@ def defaults_table() -> None:
     """Issue 18's targets per behaviour: the held-out rate without the prompt >= 80% of the
     in-context rate, the quality figure at least the base model's within 2 standard errors
     (of the difference: sqrt(se_student^2 + se_base^2)), the guard silent."""
-    print("| behaviour | in context | base (step 0) | " + "evaluations: step: rate / quality ± se"
+    print("| cell (behaviour) | in context | base (step 0) | " + "evaluations: step: rate / quality ± se"
           + " | first step meeting both targets | guard |")
     print("|---|---|---|---|---|---|")
     for c in _cells(minimal=True):
@@ -53,7 +53,7 @@ def defaults_table() -> None:
         behaviour = next((o.split("=", 1)[1] for o in c["overrides"] if o.startswith("task.behaviour=")), "?")
         alarms = ",".join(str(s) for s in _replayed_alarms(c)) or "-"
         fired = "fired" if c["guard"] else "silent"
-        print(f"| {behaviour} | {ctx['score'] * 100:.0f}% / {ctx['quality']:+.2f} | "
+        print(f"| {c['name']} ({behaviour}) | {ctx['score'] * 100:.0f}% / {ctx['quality']:+.2f} | "
               f"{base['score'] * 100:.0f}% / {base['quality']:+.2f} ± {base['quality_stderr']:.2f} | "
               f"{'; '.join(parts)} | {met[0] if met else 'none'} | {fired} (replayed: {alarms}) |")
     print("\n(r): rate below 80% of the in-context rate; (q): quality more than 2 standard "
