@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import Literal
 
 from opcd.errors import DataError
 from opcd.tasks.base import Example, derive_seed
@@ -61,7 +62,7 @@ class OtherSystemPrompts:
     pool: tuple[str, ...]
     share: float
     seed: int
-    mode: str = "compose"
+    mode: Literal["compose", "replace"] = "compose"
 
     def apply(self, example: Example, step: int, position: int) -> tuple[Example, bool]:
         """``example``, with a system message from the pool on ``share`` of the draws, and
