@@ -15,7 +15,8 @@ from opcd import losses
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
 from opcd.loop import train
-from opcd.offpolicy import RESPONSES_FILE, offpolicy_token_loss
+from opcd.offpolicy import RESPONSES_FILE, OffPolicyObjective, StoredResponses, offpolicy_token_loss
+from opcd.trainer import Trainer
 
 
 def test_forward_kl_over_teacher_top_k_by_hand() -> None:
@@ -120,12 +121,11 @@ def test_offpolicy_torn_group_is_regenerated_identically(tiny_model_dir: Path, t
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # a crash mid-group
     cfg["train"]["steps"] = 1
-    from opcd.offpolicy import OffPolicyTrainer
-
-    trainer = OffPolicyTrainer(config_from_dict(cfg), progress=False)
-    store = trainer.open_store(res.run_dir)
+    trainer = Trainer(config_from_dict(cfg), progress=False)
+    assert trainer.parts is not None and isinstance(trainer.parts.sampler, StoredResponses)
+    store = trainer.parts.sampler.open(res.run_dir)
     assert store.responses == {}  # the torn group is not used
-    out, generated, _ = trainer._responses(trainer.order.take(4))
+    out, generated = trainer.parts.sampler.responses(trainer.order.take(4))
     assert generated == 4
     assert path.read_text().splitlines() == lines
 
@@ -138,11 +138,10 @@ def test_offpolicy_refuses_a_live_teacher() -> None:
 
 
 def test_chunked_loss_equals_the_whole_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from opcd.offpolicy import OffPolicyTrainer
-
     cfg = config_from_dict({**tiny_config(tiny_model_dir, tmp_path, loss={"top_k": 4},
                                           perf={"loss_chunk_tokens": 3}), "method": "offpolicy"})
-    trainer = OffPolicyTrainer(cfg, progress=False)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.parts is not None and isinstance(trainer.parts.objective, OffPolicyObjective)
     torch.manual_seed(0)
     hidden = torch.randn(7, 32)
     V = trainer.student.get_output_embeddings().weight.shape[0]
@@ -154,7 +153,7 @@ def test_chunked_loss_equals_the_whole_batch(tiny_model_dir: Path, tmp_path: Pat
     for chunked in (True, False):
         trainer.cfg.perf.chunked_loss = chunked
         h = hidden.clone().requires_grad_(True)
-        loss, stats = trainer._chunk_loss(h, t_ids, t_logp, tokens, w)
+        loss, stats = trainer.parts.objective.chunk_loss(h, t_ids, t_logp, tokens, w)
         loss.backward()
         results.append((loss.detach(), h.grad, stats))
     (l1, g1, s1), (l2, g2, s2) = results

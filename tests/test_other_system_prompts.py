@@ -84,7 +84,7 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
     cfg = tiny_config(tiny_model_dir, tmp_path, task={"other_system_prompt_share": 1.0,
                                                       "other_system_prompts": str(pool)})
     trainer = Trainer(config_from_dict(cfg), progress=False)
-    for pair in trainer._prompt_pairs([0, 1]):
+    for pair in trainer.prompt_pairs([0, 1]):
         student = trainer.tokenizer.decode(pair.student_ids)
         teacher = trainer.tokenizer.decode(pair.teacher_ids)
         assert "librarian" in student and "French" not in student
@@ -94,11 +94,11 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
         "other_system_prompt_share": 1.0, "other_system_prompts": str(pool),
         "other_system_prompt_mode": "replace"})
     replacing = Trainer(config_from_dict(replace), progress=False)
-    for pair in replacing._prompt_pairs([0, 1]):  # the teacher's prompt is the student's
+    for pair in replacing.prompt_pairs([0, 1]):  # the teacher's prompt is the student's
         assert pair.teacher_ids == pair.student_ids
         assert "librarian" in replacing.tokenizer.decode(pair.teacher_ids)
     plain = Trainer(config_from_dict(off), progress=False)
     assert plain.other_system_prompts is None
     assert all(plain.tokenizer.decode(p.student_ids).count("<|im_start|>system") <= 1
                and "French" not in plain.tokenizer.decode(p.student_ids)
-               for p in plain._prompt_pairs([0, 1, 2, 3]))
+               for p in plain.prompt_pairs([0, 1, 2, 3]))

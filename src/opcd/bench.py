@@ -388,7 +388,7 @@ def _step_worker(spec: BenchSpec, mode: str, phase: str) -> list[dict[str, Any]]
                 m = trainer.train_step()
                 wall = time.perf_counter() - t
                 n_tok = m["response_len"] * n_rows
-                s_lens = [len(p.student_ids) for p in trainer._prompt_pairs(list(range(spec.batch)))]
+                s_lens = [len(p.student_ids) for p in trainer.prompt_pairs(list(range(spec.batch)))]
                 flops = update_flops(
                     trainer.student, s_lens, [spec.response] * spec.batch,
                     trained_body=not spec.lora,

@@ -2,8 +2,8 @@
 
 :func:`train` (the CLI's ``opcd train``) checks the config and the data, prepares the run
 folder (new, resumed or overwritten), builds the method's trainer (:func:`build_trainer`:
-:class:`opcd.trainer.Trainer` for OPCD, :class:`opcd.offpolicy.OffPolicyTrainer`,
-:class:`opcd.ovd_trainer.OvdTrainer`) and runs the loop: the in-context ceiling and the first
+:class:`opcd.trainer.Trainer` for OPCD and the off-policy baseline,
+:class:`opcd.ovd_trainer.OvdTrainer` for OVD) and runs the loop: the in-context ceiling and the first
 evaluation (stopping when the context does not lift the behaviour), then steps, each
 logged to ``metrics.jsonl`` and watched by the collapse guard (:mod:`opcd.guard`),
 evaluations every ``eval.every`` steps, checkpoints, and the final model. SIGINT / SIGTERM
@@ -139,15 +139,12 @@ def _only_unstarted_run(run_dir: Path) -> bool:
 
 
 def build_trainer(cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> Trainer:
-    """The trainer of ``cfg.method``: :class:`Trainer` (opcd) or :class:`opcd.ovd_trainer.OvdTrainer`."""
+    """The trainer of ``cfg.method``: :class:`Trainer` (opcd, offpolicy: the method's parts on
+    the one step) or :class:`opcd.ovd_trainer.OvdTrainer`."""
     if cfg.method == "ovd":
         from opcd.ovd_trainer import OvdTrainer
 
         return OvdTrainer(cfg, progress=progress, dist=dist)
-    if cfg.method == "offpolicy":
-        from opcd.offpolicy import OffPolicyTrainer
-
-        return OffPolicyTrainer(cfg, progress=progress, dist=dist)
     return Trainer(cfg, progress=progress, dist=dist)
 
 

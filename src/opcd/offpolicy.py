@@ -11,10 +11,11 @@ those fixed trajectories *without* c, by
 - ``offpolicy.loss: sft``: the token negative log-likelihood of the teacher's tokens
   (temperature 1: plain SFT / "seqkd").
 
-Same steps, learning rate and prompts as OPCD (the same :class:`~opcd.trainer.DataOrder`):
-:class:`OffPolicyTrainer` is a :class:`~opcd.trainer.Trainer` whose step reads the teacher's
-responses instead of sampling the student, so logging, evaluation, checkpoints and exact
-resume are shared.
+Same steps, learning rate and prompts as OPCD (the same :class:`~opcd.trainer.DataOrder`),
+and the same step: :func:`offpolicy_method` gives :class:`opcd.trainer.Trainer` a sampler
+that reads the teacher's responses (:class:`StoredResponses`), a scorer that reads their
+stored top-k (:class:`StoredTargets`) and the objective (:class:`OffPolicyObjective`), so
+the update, logging, evaluation, checkpoints and exact resume are OPCD's.
 
 Teacher responses are generated when a prompt is first drawn and appended to
 ``teacher_responses.jsonl`` in the run folder: per response its token ids and, per position,
@@ -29,22 +30,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from opcd import checkpoint as ckpt
 from opcd import losses, rollout
-from opcd.distributed import Dist
 from opcd.errors import ConfigError
 from opcd.jsonl import HeaderMismatch, JsonlFile
+from opcd.method import Host, Method, Rows, Targets, Totals
+from opcd.rollout import Rollout
 from opcd.scoring import pack, response_hidden
 from opcd.tasks.base import derive_seed
-from opcd.teacher import Teacher
-from opcd.trainer import Trainer
 
 RESPONSES_FILE = "teacher_responses.jsonl"
 
@@ -127,70 +126,67 @@ class ResponseStore:
             self.responses[(rec["example"], int(rec["sample"]))] = rec
 
 
-# --------------------------------------------------------------------------- the trainer
-class OffPolicyTrainer(Trainer):
-    """Off-policy context distillation on the shared loop (``method: offpolicy``)."""
+# --------------------------------------------------------------------------- the parts
+class StoredResponses:
+    """The sampler: the teacher's responses (with the context) to this step's prompts, read
+    from the store, the missing ones generated as this step's group and stored."""
 
-    method = "offpolicy"
-
-    def __init__(self, cfg: Any, *, progress: bool = True, dist: Dist | None = None) -> None:
-        super().__init__(cfg, progress=progress, dist=dist)
+    def __init__(self, host: Host) -> None:
+        self.host = host
         self.store: ResponseStore | None = None
 
-    def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Teacher:
-        if tokenizer is not None:  # the student learns the teacher's token ids directly
-            from opcd.models import check_tokenizers_compatible
-
-            check_tokenizers_compatible(self.tokenizer, tokenizer, self.cfg.model,
-                                        str(self.cfg.teacher.model))
-        return Teacher(self.cfg.teacher.mode, self.student, model)
-
-    def open_store(self, run_dir: Path) -> ResponseStore:
-        cfg = self.cfg
+    def open(self, run_dir: Path) -> ResponseStore:
+        """The run folder's ``teacher_responses.jsonl``, read (torn groups dropped)."""
+        h = self.host
+        cfg = h.cfg
         settings = json.loads(json.dumps({
             "model": cfg.model, "teacher": vars(cfg.teacher), "task": vars(cfg.task),
             "rollout": vars(cfg.rollout), "top_k": cfg.loss.top_k, "seed": cfg.train.seed,
             "context_sha256": hashlib.sha256(
-                "\x1f".join(str(self.task.context(ex)) for ex in self.train_examples).encode()
+                "\x1f".join(str(h.task.context(ex)) for ex in h.train_examples).encode()
             ).hexdigest(),
         }))
         self.store = ResponseStore(Path(run_dir) / RESPONSES_FILE, settings)
         self.store.load()
         return self.store
 
-    def restore(self, run_dir: Path) -> int:
-        self.open_store(run_dir)
-        return super().restore(run_dir)
+    def sample(self, idx: list[int]) -> Rows:
+        recs, generated = self.responses(idx)
+        n = self.host.cfg.rollout.n
+        roll = Rollout(prompt_index=[j // n for j in range(len(recs))],
+                       response_ids=[r["ids"] for r in recs], texts=[r["text"] for r in recs],
+                       truncated=[bool(r["truncated"]) for r in recs])
+        return Rows(self.host.prompt_pairs(idx), roll,
+                    {"generated": generated, "reused": len(recs) - generated}, stored=recs)
 
-    def _responses(self, idx: list[int]) -> tuple[list[dict[str, Any]], int, float]:
+    def responses(self, idx: list[int]) -> tuple[list[dict[str, Any]], int]:
         """The teacher's responses for ``idx`` (prompt-major, ``rollout.n`` each), generating
-        the missing ones as this step's group; (records, how many generated, seconds)."""
-        cfg = self.cfg
-        assert self.store is not None
-        n = cfg.rollout.n
-        ids = [self.train_examples[i].id for i in idx]
+        the missing ones as this step's group; (records, how many generated)."""
+        h = self.host
+        assert self.store is not None, "open the run folder first"
+        n = h.cfg.rollout.n
+        ids = [h.train_examples[i].id for i in idx]
         missing: list[int] = []
         for j, ex_id in enumerate(ids):
             if any((ex_id, s) not in self.store.responses for s in range(n)) and \
                     ex_id not in {ids[m] for m in missing}:
                 missing.append(j)
-        t0 = time.perf_counter()
         if missing:
-            self.store.add_group(self._generate([idx[j] for j in missing], group=self.step + 1))
-        seconds = time.perf_counter() - t0
+            self.store.add_group(self._generate([idx[j] for j in missing], group=h.step + 1))
         out = [self.store.responses[(ex_id, s)] for ex_id in ids for s in range(n)]
-        return out, len(missing) * n, seconds
+        return out, len(missing) * n
 
     @torch.no_grad()
     def _generate(self, idx: list[int], group: int) -> list[dict[str, Any]]:
-        cfg = self.cfg
+        h = self.host
+        cfg = h.cfg
         T, k = cfg.rollout.temperature, cfg.loss.top_k
-        pairs = self._prompt_pairs(idx)
+        pairs = h.prompt_pairs(idx)
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
             torch.manual_seed(derive_seed("offpolicy", cfg.train.seed, group))
-            with self.teacher._scorer() as model:
+            with h.teacher._scorer() as model:
                 roll = rollout.sample(
-                    model, self.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
+                    model, h.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
                     temperature=T, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
                     batch_size=cfg.rollout.batch_size,
                 )
@@ -199,14 +195,14 @@ class OffPolicyTrainer(Trainer):
         for start in range(0, len(roll.response_ids), bs):
             rows = range(start, min(start + bs, len(roll.response_ids)))
             resp = [roll.response_ids[r] for r in rows]
-            tb = pack([pairs[roll.prompt_index[r]].teacher_ids for r in rows], resp, self.pad_id,
-                      device=self.device)
-            logp = losses.temperature_log_softmax(self.teacher.response_logits(tb), T)
+            tb = pack([pairs[roll.prompt_index[r]].teacher_ids for r in rows], resp, h.pad_id,
+                      device=h.device)
+            logp = losses.temperature_log_softmax(h.teacher.response_logits(tb), T)
             top = logp.topk(min(k, logp.shape[-1]), dim=-1)
             for b, r in enumerate(rows):
                 L = len(resp[b])
                 recs.append({
-                    "example": self.train_examples[idx[roll.prompt_index[r]]].id,
+                    "example": h.train_examples[idx[roll.prompt_index[r]]].id,
                     "sample": r % cfg.rollout.n, "group": group, "group_size": 0,
                     "ids": resp[b], "truncated": roll.truncated[r], "text": roll.texts[r],
                     "topk_ids": top.indices[b, :L].tolist(),
@@ -217,12 +213,53 @@ class OffPolicyTrainer(Trainer):
         # what training reads is exactly what a later run reads back from the file
         return [json.loads(json.dumps(rec)) for rec in recs]
 
-    def _chunk_loss(self, hidden: Tensor, t_ids: Tensor, t_logp: Tensor, tokens: Tensor,
-                    weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+
+class StoredTargets:
+    """The scorer: each row's stored top-k token ids and log-probs (read with its response)."""
+
+    def score(self, rows: Rows) -> Targets:
+        assert rows.stored is not None
+        return Targets(sparse=rows.stored)
+
+
+class OffPolicyObjective:
+    """``offpolicy.loss`` on one micro-batch of stored responses, read by the student without
+    the context (:func:`offpolicy_token_loss`), the output head chunked with
+    ``perf.chunked_loss``."""
+
+    figures = ("forward_kl", "nll", "student_topk_mass", "teacher_topk_mass", "student_entropy")
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def loss(self, rows: Rows, targets: Targets, sl: slice, totals: Totals, weight: float
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        h = self.host
+        assert targets.sparse is not None
+        recs = targets.sparse[sl]
+        prompt_of = rows.roll.prompt_index[sl]
+        keep = [r for r in range(len(recs)) if recs[r]["ids"]]
+        if not keep:  # only empty responses: nothing to learn here
+            zero = torch.zeros(0, device=h.device)
+            return torch.zeros((), device=h.device, requires_grad=True), dict.fromkeys(self.figures, zero)
+        sb = pack([rows.pairs[prompt_of[r]].student_ids for r in keep], [recs[r]["ids"] for r in keep],
+                  h.pad_id, device=h.device)
+        mask = sb.response_mask
+        weights = losses.reduction_weights(
+            mask, h.cfg.loss.reduction, total_tokens=totals[0], total_sequences=totals[1])[mask] * weight
+        t_ids = torch.tensor([p for r in keep for p in recs[r]["topk_ids"]], dtype=torch.long,
+                             device=h.device)
+        t_logp = torch.tensor([p for r in keep for p in recs[r]["topk_logprobs"]],
+                              dtype=torch.float32, device=h.device)
+        return self.chunk_loss(response_hidden(h.student, sb)[mask], t_ids, t_logp,
+                               sb.response_ids[mask], weights)
+
+    def chunk_loss(self, hidden: Tensor, t_ids: Tensor, t_logp: Tensor, tokens: Tensor,
+                   weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted loss of the positions in ``hidden`` ``[N, H]`` (head applied chunk by
         chunk and recomputed in the backward pass when perf.chunked_loss)."""
-        cfg = self.cfg
-        head = self.student.get_output_embeddings()
+        cfg = self.host.cfg
+        head = self.host.student.get_output_embeddings()
 
         def part(h: Tensor, ti: Tensor, tl: Tensor, tok: Tensor, w: Tensor
                  ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -238,82 +275,25 @@ class OffPolicyTrainer(Trainer):
             chunk_size=cfg.perf.loss_chunk_tokens if cfg.perf.chunked_loss else None)
         return sums.sum(), {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-    def train_step(self) -> dict[str, Any]:
-        """One off-policy step: the teacher's responses for this step's prompts (generated
-        once), then one update of the student on them without the context."""
-        cfg = self.cfg
-        if self.store is None:
-            self.open_store(Path(cfg.run.dir))
-        t0 = time.perf_counter()
-        idx = self.order.take(cfg.train.batch_size)
-        pairs = self._prompt_pairs(idx)
-        recs, generated, t_teacher = self._responses(idx)
-        n = cfg.rollout.n
-        prompt_of = [j // n for j in range(len(recs))]
-        responses = [r["ids"] for r in recs]
-        total_tokens = float(sum(len(r) for r in responses))
-        total_seqs = float(sum(1 for r in responses if r))
-        sums = {"loss": 0.0, "forward_kl": 0.0, "nll": 0.0, "student_topk_mass": 0.0,
-                "teacher_topk_mass": 0.0, "student_entropy": 0.0}
-        t_update_start = time.perf_counter()
-        self.student.train()
-        mb = cfg.train.micro_batch_size
-        for start in range(0, len(recs), mb):
-            rows = [r for r in range(start, min(start + mb, len(recs))) if responses[r]]
-            if not rows:
-                continue
-            sb = pack([pairs[prompt_of[r]].student_ids for r in rows], [responses[r] for r in rows],
-                      self.pad_id, device=self.device)
-            mask = sb.response_mask
-            weights = losses.reduction_weights(
-                mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs,
-            )[mask]
-            t_ids = torch.tensor([p for r in rows for p in recs[r]["topk_ids"]], dtype=torch.long,
-                                 device=self.device)
-            t_logp = torch.tensor([p for r in rows for p in recs[r]["topk_logprobs"]],
-                                  dtype=torch.float32, device=self.device)
-            loss, stats = self._chunk_loss(response_hidden(self.student, sb)[mask], t_ids, t_logp,
-                                           sb.response_ids[mask], weights)
-            loss.backward()
-            sums["loss"] += float(loss.detach())
-            for key, value in stats.items():
-                sums[key] += float(value.sum())
-            del loss, stats
-        grad_norm, skip_reason = self.optimizer_step(sums["loss"])
-        t_update = time.perf_counter() - t_update_start
-        self.step += 1
-        elapsed = time.perf_counter() - t0
-        tokens = max(total_tokens, 1.0)
-        rows_n = max(len(recs), 1)
-        return {
-            "type": "train",
-            "step": self.step,
-            "loss": sums["loss"],
-            "forward_kl": sums["forward_kl"] / tokens,
-            "nll": sums["nll"] / tokens,
-            "student_entropy": sums["student_entropy"] / tokens,
-            "student_topk_mass": sums["student_topk_mass"] / tokens,
-            "teacher_topk_mass": sums["teacher_topk_mass"] / tokens,
-            "grad_norm": grad_norm,
-            "response_len": total_tokens / rows_n,
-            "truncated_frac": sum(bool(r["truncated"]) for r in recs) / rows_n,
-            "generated": generated,
-            "reused": len(recs) - generated,
-            "time_teacher": t_teacher,
-            "time_update": t_update,
-            **self.step_record_tail(idx, elapsed, total_tokens, recs[0]["text"] if recs else "",
-                                    skip_reason),
-        }
 
-    def format_step(self, m: dict[str, Any]) -> str:
-        return (
-            f"step {m['step']:>4} | loss {m['loss']:.4f} | fKL {m['forward_kl']:.4f} | "
-            f"NLL {m['nll']:.3f} | top-k mass s {m['student_topk_mass']:.3f} "
-            f"t {m['teacher_topk_mass']:.3f} | len {m['response_len']:.1f} | "
-            f"teacher {m['time_teacher']:.1f}s ({m['generated']} new, {m['reused']} reused) "
-            f"update {m['time_update']:.1f}s"
-        )
+def format_step(m: dict[str, Any]) -> str:
+    """The terminal line of an off-policy step's record."""
+    return (
+        f"step {m['step']:>4} | loss {m['loss']:.4f} | fKL {m['forward_kl']:.4f} | "
+        f"NLL {m['nll']:.3f} | top-k mass s {m['student_topk_mass']:.3f} "
+        f"t {m['teacher_topk_mass']:.3f} | len {m['response_len']:.1f} | "
+        f"teacher {m['time_rollout']:.1f}s ({m['generated']} new, {m['reused']} reused) "
+        f"update {m['time_update']:.1f}s"
+    )
 
-    def postfix(self, m: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{m['loss']:.4f}", "fkl": f"{m['forward_kl']:.4f}",
-                "new": str(m["generated"])}
+
+def postfix(m: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's figures for an off-policy step."""
+    return {"loss": f"{m['loss']:.4f}", "fkl": f"{m['forward_kl']:.4f}", "new": str(m["generated"])}
+
+
+def offpolicy_method(host: Host) -> Method:
+    """Off-policy CD as the parts :meth:`opcd.trainer.Trainer.train_step` composes."""
+    sampler = StoredResponses(host)
+    return Method(sampler, StoredTargets(), OffPolicyObjective(host), format_step, postfix,
+                  open=sampler.open)

@@ -30,6 +30,7 @@ from opcd.chat import student_messages, teacher_messages
 from opcd.distributed import Dist
 from opcd.errors import ConfigError
 from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
+from opcd.onpolicy import episode_figures
 from opcd.ovd import (
     ModelVerbalTeacher,
     Ratings,
@@ -86,7 +87,7 @@ class _Update:
 class OvdTrainer(Trainer):
     """On-policy Verbal Distillation on the shared loop (``method: ovd``)."""
 
-    method = "ovd"
+    methods = ("ovd",)
     teacher: VerbalTeacher
 
     def __init__(self, cfg: Any, *, progress: bool = True, dist: Dist | None = None) -> None:
@@ -234,7 +235,7 @@ class OvdTrainer(Trainer):
         n = cfg.rollout.n
         t0 = time.perf_counter()
         idx = self.order.take(cfg.train.batch_size)
-        pairs = self._prompt_pairs(idx)
+        pairs = self.prompt_pairs(idx)
         examples = [p.example for p in pairs]
         roll = rollout.sample(
             self.student, self.tokenizer, [p.student_ids for p in pairs], n=n,
@@ -404,7 +405,7 @@ class OvdTrainer(Trainer):
             "response_len": upd.tokens / rows_n,
             "student_response_len": upd.tokens / rows_n,
             "truncated_frac": sum(played.rollout.truncated) / rows_n,
-            **self._global_episode_figures(played),
+            **episode_figures(self.dist, played),
             "time_rollout": t_rollout,
             "time_score": t_score,
             "time_replace": 0.0,

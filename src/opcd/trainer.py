@@ -1,20 +1,22 @@
-"""The OPCD step (arXiv 2602.12275): rollout -> teacher scoring -> update.
+"""The trainer: the run's state and the one training step every method composes.
 
-Each step is strictly on-policy (:meth:`Trainer.train_step`):
+Each step (:meth:`Trainer.train_step`) runs the method's parts (:mod:`opcd.method`):
 
 1. take ``train.batch_size`` prompts x (seeded order, position checkpointed);
-2. rollout: the student samples ``rollout.n`` responses y from x alone (no context);
-3. teacher: reads c + x + the student's exact tokens y (:mod:`opcd.teacher`);
-4. update: the per-token objective (default forward KL over the union of the student's
-   and the teacher's top-k plus the rest of the vocabulary, :mod:`opcd.losses`) normalised
-   over the whole batch's tokens, gradients accumulated over micro-batches, then
+2. the sampler writes the responses (OPCD: the student samples ``rollout.n`` responses y
+   from x alone, without the context; off-policy CD: the teacher's stored responses);
+3. the scorer attaches the targets (OPCD: the teacher reads c + x + the student's exact
+   tokens y, :mod:`opcd.teacher`; off-policy: the stored top-k);
+4. the objective per micro-batch (OPCD: default forward KL over the union of the student's
+   and the teacher's top-k plus the rest of the vocabulary, :mod:`opcd.losses`),
+   normalised over the whole batch's tokens, gradients accumulated, then
    :meth:`Trainer.optimizer_step` (clipped, non-finite updates skipped, one AdamW step).
 
 :class:`Trainer` also holds what every method shares: the student (LoRA or full, FSDP),
-the rollout backend, evaluation, checkpoints and exact resume; the off-policy baseline
-(:mod:`opcd.offpolicy`) and OVD (:mod:`opcd.ovd_trainer`) replace the step. The run around
-the steps (run folder, loop, guard, signals) is :mod:`opcd.loop`; ``metrics.jsonl`` is
-:class:`MetricsLog`.
+the rollout backend, evaluation, checkpoints and exact resume. OPCD's parts are
+:mod:`opcd.onpolicy`, the off-policy baseline's :mod:`opcd.offpolicy`; OVD
+(:mod:`opcd.ovd_trainer`) still replaces the step. The run around the steps (run folder,
+loop, guard, signals) is :mod:`opcd.loop`; ``metrics.jsonl`` is :class:`MetricsLog`.
 
 Launched on several processes (``accelerate launch -m opcd train ...``), each process takes
 its shard of every step's prompts and the gradients are summed: see :mod:`opcd.distributed`.
@@ -37,7 +39,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from opcd import checkpoint as ckpt
-from opcd import losses
 from opcd.chat import PromptPair, build_prompt_pair
 from opcd.compat import enable_activation_checkpointing
 from opcd.config import METHODS, Config
@@ -48,7 +49,9 @@ from opcd.errors import (
 )
 from opcd.evaluate import EvalResult, Judge, evaluate, merge_results, teacher_judge
 from opcd.jsonl import JsonlFile
-from opcd.multiturn import EpisodeRollout, is_multiturn, play_for_training
+from opcd.method import Method, Rows, Totals
+from opcd.multiturn import is_multiturn
+from opcd.onpolicy import opcd_method
 from opcd.rollout_backends import (
     RolloutBackend,
     build_backend,
@@ -56,7 +59,6 @@ from opcd.rollout_backends import (
     choose_rollout_dtype,
     slow_dtype_note,
 )
-from opcd.scoring import linear_head, pack, response_hidden, response_logits
 from opcd.sharding import (
     adapter_keys_to_model_keys,
     full_model_state,
@@ -71,10 +73,9 @@ from opcd.sharding import (
     shard_model,
 )
 from opcd.tasks import Task, build_task
-from opcd.tasks.base import derive_seed
 from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
 from opcd.teacher import Teacher
-from opcd.teacher_server import ServerTeacher, cat_scores, server_token_loss
+from opcd.teacher_server import ServerTeacher
 from opcd.tracking import Answers, Trackers
 
 
@@ -215,15 +216,6 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(full() if full is not None else norm)
 
 
-def rollout_seed(seed: int, step: int, position: int) -> int:
-    """The sampling seed of the prompt at ``position`` in the global batch of step ``step + 1``.
-
-    Fixed by the run's seed and the prompt's place in the run, never by the process or
-    micro-batch that samples it (see :mod:`opcd.distributed`).
-    """
-    return derive_seed("rollout", seed, step, position)
-
-
 def check_distributed(cfg: Config, dist: Dist) -> None:
     """Refuse the settings a multi-process run cannot honour, naming the fix."""
     if not dist.enabled:
@@ -247,32 +239,6 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
 
 
 @dataclass
-class Rows:
-    """A step's sampled rows: the prompt pairs (without / with the context), the rollout
-    (one row per response; ``prompt_index`` maps a row to its pair), and for games the
-    episodes' figures."""
-
-    pairs: list[PromptPair]
-    roll: Any
-    episode_figures: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def responses(self) -> list[list[int]]:
-        return self.roll.response_ids
-
-
-@dataclass
-class Targets:
-    """The teacher's reading of a step's rows: a server's sparse scores per row, or the
-    local teacher's response hidden states per row, or neither (the teacher's logits are then
-    computed per micro-batch); ``seconds`` counts the time spent in the teacher."""
-
-    sparse: list[Any] | None = None
-    hidden: list[torch.Tensor] | None = None
-    seconds: float = 0.0
-
-
-@dataclass
 class TrainResult:
     """What a finished run produced."""
 
@@ -284,21 +250,21 @@ class TrainResult:
 
 
 class Trainer:
-    """Holds the student, the teacher, the task and the optimiser for one run.
-
-    The OPCD step. Other methods are subclasses with their own :meth:`train_step` (and
-    teacher), sharing the loop, logging, checkpoints and resume: see :func:`build_trainer`.
+    """Holds the student, the teacher, the task and the optimiser for one run, and runs the
+    one training step on the run's method: its sampler, scorer and objective
+    (:class:`opcd.method.Method`; OPCD: :mod:`opcd.onpolicy`, off-policy CD:
+    :mod:`opcd.offpolicy`). OVD still has its own step (:mod:`opcd.ovd_trainer`).
     """
 
-    method = "opcd"
-    """The ``cfg.method`` this class runs."""
+    methods: tuple[str, ...] = ("opcd", "offpolicy")
+    """The ``cfg.method`` values this class runs."""
 
     def __init__(self, cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> None:
         from opcd.models import check_tokenizers_compatible, load_model
 
-        if cfg.method != self.method:
+        if cfg.method not in self.methods:
             raise ConfigError(
-                f"{type(self).__name__} runs method={self.method}, not method={cfg.method}; "
+                f"{type(self).__name__} runs method={' or '.join(self.methods)}, not method={cfg.method}; "
                 "make the trainer with opcd.loop.build_trainer(cfg)."
             )
         self.dist = dist or Dist.from_env()
@@ -332,7 +298,7 @@ class Trainer:
             assert cfg.teacher.model
             self._say(f"loading teacher {cfg.teacher.model} ...")
             teacher_model, teacher_tok = load_model(cfg.teacher.model, device=self.device)
-            if self.method == "opcd":  # OVD reads only the teacher's text: any tokenizer
+            if cfg.method != "ovd":  # OVD reads only the teacher's text: any tokenizer
                 check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
         if self.dist.fsdp and self.dist.fsdp.activation_checkpointing:
             self._say("fsdp_activation_checkpointing: train.gradient_checkpointing=true")
@@ -356,6 +322,8 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0  # steps in a row whose update was dropped (non-finite)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self.parts = self._build_method()
+        self._opened: Path | None = None
         if cfg.rollout.dtype not in ("model", "auto") and self.dist.is_main:
             note = slow_dtype_note(self.student, getattr(torch, cfg.rollout.dtype))
             if note:
@@ -371,7 +339,7 @@ class Trainer:
             self._say("starting the vLLM rollout engine ...")
             path = resolve_model_ref(self.cfg.model, pull_missing=False).location
         dtype = None if r.dtype in ("model", "auto") else getattr(torch, r.dtype)
-        if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and self.method == "opcd":
+        if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and self.cfg.method == "opcd":
             # One process only: processes timing the CPU apart could choose differently.
             dtype, line = choose_rollout_dtype(
                 self.student, min(r.batch_size, self.cfg.train.batch_size * r.n))
@@ -404,17 +372,32 @@ class Trainer:
         if self.progress:
             tqdm.write(msg, file=sys.stderr)
 
+    def _build_method(self) -> Method | None:
+        """The run's method as parts (None for OVD, whose class has its own step)."""
+        if self.cfg.method == "offpolicy":
+            from opcd.offpolicy import offpolicy_method
+
+            return offpolicy_method(self)
+        return opcd_method(self) if self.cfg.method == "opcd" else None
+
+    def _open_run_dir(self, run_dir: Path) -> None:
+        """Let the method's parts open the state they keep in the run folder (once)."""
+        if self.parts is not None and self.parts.open is not None and self._opened != run_dir:
+            self.parts.open(run_dir)
+            self._opened = run_dir
+
     def format_step(self, m: dict[str, Any]) -> str:
         """The terminal line of a step's metrics."""
-        return _format_step(m)
+        assert self.parts is not None
+        return self.parts.format_step(m)
 
     def postfix(self, m: dict[str, Any]) -> dict[str, str]:
         """The progress bar's figures for a step."""
-        return {"loss": f"{m['loss']:.4f}", "rkl": f"{m['reverse_kl']:.4f}",
-                "tok_s": f"{m['tokens_per_s']:.1f}"}
+        assert self.parts is not None
+        return self.parts.postfix(m)
 
     # ------------------------------------------------------------------ one step
-    def _prompt_pairs(self, idx: list[int], positions: list[int] | None = None) -> list[PromptPair]:
+    def prompt_pairs(self, idx: list[int], positions: list[int] | None = None) -> list[PromptPair]:
         """The prompt pairs of the training examples ``idx``, at ``positions`` of the step's
         batch (default 0, 1, ...; they seed the draw of other system prompts, if any)."""
         mix = self.other_system_prompts
@@ -432,26 +415,29 @@ class Trainer:
         ]
 
     def train_step(self) -> dict[str, Any]:
-        """One on-policy step: sample -> score -> objective per micro-batch -> one update."""
+        """One step of the run's method: sample -> score -> objective per micro-batch -> one
+        update."""
+        assert self.parts is not None
+        sampler, scorer, objective = self.parts.sampler, self.parts.scorer, self.parts.objective
+        self._open_run_dir(Path(self.cfg.run.dir))
         t0 = time.perf_counter()
         idx = self.order.take(self.cfg.train.batch_size)
-        rows = self.sample(idx)
+        rows = sampler.sample(idx)
         t_rollout = time.perf_counter() - t0
         totals = self.dist.sum_floats([  # the whole (global) batch's, for the normalisation
             sum(len(r) for r in rows.responses), sum(1 for r in rows.responses if r),
             len(rows.responses), sum(rows.roll.truncated)])
         t_update_start = time.perf_counter()
         self.student.train()
-        targets = self.score(rows)
-        sums = dict.fromkeys(("loss", "kl", "entropy", "s_mass", "t_mass"), 0.0)
+        targets = scorer.score(rows)
+        sums = dict.fromkeys(("loss", *objective.figures), 0.0)
         for sl, weight in self.micro_batches(len(rows.responses)):
-            loss, tl = self.micro_batch_loss(rows, targets, sl, totals, weight)
+            loss, figures = objective.loss(rows, targets, sl, totals, weight)
             loss.backward()
             if weight:
-                for key, value in (("loss", loss.detach()), ("kl", tl.kl), ("entropy", tl.student_entropy),
-                                   ("s_mass", tl.student_topk_mass), ("t_mass", tl.teacher_topk_mass)):
+                for key, value in (("loss", loss.detach()), *figures.items()):
                     sums[key] += float(value.sum())
-            del loss, tl
+            del loss, figures
         sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
         grad_norm, skip_reason = self.optimizer_step(sums["loss"])
         self.step += 1
@@ -459,54 +445,6 @@ class Trainer:
                                 targets.seconds, time.perf_counter() - t_update_start - targets.seconds)
 
     # ------------------------------------------------------------------ the step's parts
-    def sample(self, idx: list[int]) -> Rows:
-        """The student's responses to this process's share of the step's prompts (games:
-        every reply of whole episodes it plays), without the context."""
-        cfg = self.cfg
-        mine = self.dist.shard(len(idx))  # this process's positions in the global batch
-        # FSDP: the student's weights whole while it samples (a no-op without FSDP, or when
-        # the backend samples from its own copy).
-        sampling = contextlib.nullcontext() if self.backend.own_weights else gathered(self.student)
-        if is_multiturn(self.task):
-            with sampling:
-                played = play_for_training(
-                    self.student, self.tokenizer, self.task,
-                    [self.train_examples[idx[i]] for i in mine],
-                    mine, seed=cfg.train.seed, step=self.step, n=cfg.rollout.n,
-                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                    max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size,
-                    max_prompt_tokens=self.max_prompt_tokens, truncate=cfg.rollout.truncate_prompts,
-                    backend=self.backend,
-                )
-            return Rows(played.pairs, played.rollout, self._global_episode_figures(played))
-        pairs = self._prompt_pairs([idx[i] for i in mine], list(mine))
-        with sampling:
-            roll = self.backend.sample(
-                [p.student_ids for p in pairs], n=cfg.rollout.n,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                seeds=[rollout_seed(cfg.train.seed, self.step, i) for i in mine],
-            )
-        return Rows(pairs, roll)
-
-    def score(self, rows: Rows) -> Targets:
-        """The teacher's reading of every row, with the context, for the whole step at once:
-        a server teacher's sparse scores, or the local teacher's response hidden states
-        (each shared context prefix read once with perf.prefix_cache). Without either
-        setting the teacher's logits are computed per micro-batch in :meth:`micro_batch_loss`."""
-        perf, t0 = self.cfg.perf, time.perf_counter()
-        teacher_ids = [rows.pairs[i].teacher_ids for i in rows.roll.prompt_index]
-        if isinstance(self.teacher, ServerTeacher):
-            return Targets(sparse=self.teacher.score(teacher_ids, rows.responses),
-                           seconds=time.perf_counter() - t0)
-        if perf.prefix_cache or perf.chunked_loss:
-            hidden = self.teacher.response_hidden(
-                teacher_ids, rows.responses, self.pad_id, prefix_cache=perf.prefix_cache,
-                batch_size=perf.teacher_batch_size, block=perf.prefix_block_tokens,
-                cache_tokens=perf.prefix_cache_tokens)
-            return Targets(hidden=hidden, seconds=time.perf_counter() - t0)
-        return Targets()
-
     def micro_batches(self, n_rows: int) -> list[tuple[slice, float]]:
         """The micro-batches' row slices and weights. Under FSDP every process runs as many
         forwards/backwards as the busiest one (each is a collective): the others repeat
@@ -516,72 +454,25 @@ class Trainer:
         pad = self.dist.max_int(len(starts)) - len(starts) if self.dist.fsdp else 0
         return [(slice(s, s + mb), 1.0) for s in starts] + [(slice(0, mb), 0.0)] * pad
 
-    def micro_batch_loss(self, rows: Rows, targets: Targets, sl: slice, totals: list[float],
-                         weight: float) -> tuple[torch.Tensor, losses.TokenLoss]:
-        """The objective on one micro-batch: the student reads its rows without the context;
-        its loss (normalised over the global batch, times ``weight``) and per-token figures."""
-        cfg, perf = self.cfg, self.cfg.perf
-        total_tokens, total_seqs = totals[0], totals[1]
-        prompt_of = rows.roll.prompt_index[sl]
-        sb = pack([rows.pairs[i].student_ids for i in prompt_of], rows.responses[sl], self.pad_id,
-                  device=self.device)
-        mask = sb.response_mask
-        if targets.sparse is not None:  # a server teacher's top-k
-            tl = server_token_loss(response_logits(self.student, sb)[mask], cat_scores(targets.sparse[sl]),
-                                   sb.response_ids[mask], objective=cfg.loss.objective,
-                                   renormalize=cfg.loss.renormalize, tail=cfg.loss.tail)
-            return self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight, tl
-        if perf.chunked_loss:  # logits of both models exist only loss_chunk_tokens at a time
-            s_hidden = response_hidden(self.student, sb)[mask]
-            s_head = self.student.get_output_embeddings()  # read after the forward (FSDP)
-            s_lin = linear_head(s_head)
-            t_head, t_bias = self.teacher.head()
-            weights = losses.reduction_weights(
-                mask, cfg.loss.reduction, total_tokens=total_tokens, total_sequences=total_seqs) * weight
-            return losses.chunked_distill_loss(
-                s_hidden, s_lin[0] if s_lin else s_head,
-                torch.cat(targets.hidden[sl]).to(self.device), t_head, weights[mask],
-                student_bias=s_lin[1] if s_lin else None, teacher_bias=t_bias,
-                sampled=sb.response_ids[mask], **self._chunk_loss_settings(),
-                chunk_size=perf.loss_chunk_tokens)
-        tt = time.perf_counter()
-        if targets.hidden is not None:  # perf.prefix_cache: the teacher's hidden states, read once
-            t_hidden = torch.zeros((*mask.shape, targets.hidden[0].shape[-1]),
-                                   dtype=targets.hidden[0].dtype, device=self.device)
-            t_hidden[mask] = torch.cat(targets.hidden[sl]).to(self.device)
-            teacher_logits = self.teacher.logits_from_hidden(t_hidden)
-            del t_hidden
-        else:
-            tb = pack([rows.pairs[i].teacher_ids for i in prompt_of], rows.responses[sl], self.pad_id,
-                      device=self.device)
-            teacher_logits = self.teacher.response_logits(tb)
-        targets.seconds += time.perf_counter() - tt
-        t_flat = teacher_logits[mask]
-        del teacher_logits
-        tl = self._token_loss(response_logits(self.student, sb)[mask], t_flat, sb.response_ids[mask])
-        return self._reduced_loss(tl, mask, total_tokens, total_sequences=total_seqs) * weight, tl
-
-    def step_record(self, idx: list[int], rows: Rows, totals: list[float], sums: dict[str, float],
+    def step_record(self, idx: list[int], rows: Rows, totals: Totals, sums: dict[str, float],
                     grad_norm: float, skip_reason: str | None, t0: float, t_rollout: float,
                     t_teacher: float, t_update: float) -> dict[str, Any]:
-        """The step's ``metrics.jsonl`` record (per-token figures over the global batch)."""
+        """The step's ``metrics.jsonl`` record (the objective's per-token figures over the
+        global batch, the sampler's own figures)."""
         total_tokens, _, n_rows, n_truncated = totals
         tokens = max(total_tokens, 1.0)
         return {
             "type": "train",
             "step": self.step,
             "loss": sums["loss"],
-            "reverse_kl": sums["kl"] / tokens,
-            "student_entropy": sums["entropy"] / tokens,
-            "student_topk_mass": sums["s_mass"] / tokens,
-            "teacher_topk_mass": sums["t_mass"] / tokens,
+            **{key: value / tokens for key, value in sums.items() if key != "loss"},
             "grad_norm": float(grad_norm),
             "response_len": total_tokens / max(n_rows, 1),
             "truncated_frac": n_truncated / max(n_rows, 1),
             "time_rollout": t_rollout,
             "time_teacher": t_teacher,
             "time_update": t_update,
-            **rows.episode_figures,
+            **rows.figures,
             **self.step_record_tail(idx, time.perf_counter() - t0, total_tokens,
                                     rows.roll.texts[0] if rows.roll.texts else "", skip_reason),
         }
@@ -618,52 +509,6 @@ class Trainer:
             **({"skip_reason": skip_reason,
                 "example_ids": [self.train_examples[i].id for i in idx]} if skip_reason else {}),
         }
-
-    def _global_episode_figures(self, played: EpisodeRollout) -> dict[str, float]:
-        """Success rate, moves and invalid moves of the step's episodes (all processes)."""
-        eps = played.episodes
-        won, moves, invalid, n, rows = self.dist.sum_floats([
-            sum(e.success for e in eps), sum(e.moves for e in eps),
-            sum(e.invalid_moves for e in eps), len(eps), len(played.pairs),
-        ])
-        n = max(n, 1.0)
-        return {"episode_success": won / n, "episode_moves": moves / n,
-                "invalid_moves": invalid, "trained_turns": rows}
-
-    def _reduced_loss(self, tl: losses.TokenLoss, mask: torch.Tensor, total_tokens: float,
-                      total_sequences: float) -> torch.Tensor:
-        """The micro-batch's share of the batch loss from its per-token losses (``loss.reduction``
-        over the whole global batch's token / sequence counts)."""
-        per_token = torch.zeros(mask.shape, dtype=tl.loss.dtype, device=mask.device)
-        per_token[mask] = tl.loss
-        return losses.reduce_token_loss(per_token, mask, self.cfg.loss.reduction,
-                                        total_tokens=total_tokens, total_sequences=total_sequences)
-
-    def _chunk_loss_settings(self) -> dict[str, Any]:
-        """The objective for :func:`opcd.losses.chunked_distill_loss`: the built-in slot
-        objectives by their settings (it then computes them in place), else :meth:`_token_loss`."""
-        if self.cfg.loss.objective == "sampled_token":
-            return {"token_loss": self._token_loss}
-        return self._slot_settings()
-
-    def _slot_settings(self) -> dict[str, Any]:
-        """:func:`opcd.losses.distill_token_loss`'s settings from the config."""
-        lc = self.cfg.loss
-        return {"objective": lc.objective, "k": lc.top_k, "temperature": self.cfg.rollout.temperature,
-                "renormalize": lc.renormalize, "slot_source": "union" if lc.union else "student",
-                "beta": lc.beta, "tail": lc.tail}
-
-    def _token_loss(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled: torch.Tensor
-    ) -> losses.TokenLoss:
-        T = self.cfg.rollout.temperature
-        if self.cfg.loss.objective != "sampled_token":
-            return losses.distill_token_loss(student_logits, teacher_logits, **self._slot_settings())
-        s_logp = losses.temperature_log_softmax(student_logits, T)
-        with torch.no_grad():
-            t_logp = losses.temperature_log_softmax(teacher_logits, T)
-        t_tok = t_logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        return losses.sampled_token_record(s_logp, t_tok, sampled)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, with_context: bool = False) -> EvalResult:
@@ -730,6 +575,7 @@ class Trainer:
         student, ``model`` is reloaded from its own files, and under LoRA the frozen teacher
         is the base with the adapter off.
         """
+        self._open_run_dir(run_dir)
         found = ckpt.latest_intact(run_dir / "checkpoints")
         if found is None:
             return 0
@@ -784,16 +630,6 @@ class Trainer:
             self.tokenizer.save_pretrained(tmp)
 
         return ckpt.write_dir_atomically(run_dir / "final", write, "the final model")
-
-
-def _format_step(m: dict[str, Any]) -> str:
-    return (
-        f"step {m['step']:>4} | loss {m['loss']:.4f} | rKL {m['reverse_kl']:.4f} | "
-        f"H {m['student_entropy']:.3f} | top-k mass s {m['student_topk_mass']:.3f} "
-        f"t {m['teacher_topk_mass']:.3f} | len {m['response_len']:.1f} | "
-        f"rollout {m['time_rollout']:.1f}s teacher {m['time_teacher']:.1f}s "
-        f"update {m['time_update']:.1f}s | {m['tokens_per_s']:.1f} tok/s"
-    )
 
 
 def non_finite_reason(loss: float, grad_norm: float) -> str | None:

@@ -15,7 +15,7 @@ unchanged.
 The built-in pool (``data/other_system_prompts.txt``) holds role, domain and tone prompts and
 none of the behaviour suite's kinds of rule (languages, openings, closings, formats, word
 limits, casing, named personas), so the suite stays a fair out-of-distribution check.
-Where it sits: the trainer's prompt building (:meth:`opcd.trainer.Trainer._prompt_pairs`).
+Where it sits: the trainer's prompt building (:meth:`opcd.trainer.Trainer.prompt_pairs`).
 """
 
 from __future__ import annotations
