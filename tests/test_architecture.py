@@ -73,6 +73,15 @@ def test_no_import_circle() -> None:
     assert cycles(graph) == []
 
 
+def test_no_class_inherits_from_the_trainer() -> None:
+    """A method is composed of parts (opcd.method), never a subclass of the trainer."""
+    for m, f in _modules().items():
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b) for b in node.bases]
+                assert not any(b.split(".")[-1] == "Trainer" for b in bases), f"{m}.{node.name}"
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

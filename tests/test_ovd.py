@@ -18,7 +18,7 @@ import torch
 from conftest import build_tiny_model, build_tokenizer
 from test_trainer import tiny_config, weights
 
-from opcd import ovd, ovd_trainer
+from opcd import onpolicy, ovd, ovd_method
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, ModelError
 from opcd.loop import build_trainer, train
@@ -41,7 +41,7 @@ from opcd.ovd import (
     turn_advantages,
     turn_score_requests,
 )
-from opcd.ovd_trainer import OvdTrainer
+from opcd.ovd_method import VerbalScorer
 from opcd.trainer import Trainer
 
 
@@ -244,13 +244,14 @@ def test_rejected_responses_are_trained_as_teacher_tokens(
     cfg = config_from_dict(ovd_config(tiny_model_dir, tmp_path, other_teacher_dir,
                                       score_mode="generate", threshold=5, teacher_max_new_tokens=16))
     tr = build_trainer(cfg, progress=False)
-    assert isinstance(tr, OvdTrainer) and tr.teacher.tokenizer.get_vocab() != tr.tokenizer.get_vocab()
+    assert isinstance(tr.parts.scorer, VerbalScorer)
+    assert tr.teacher.tokenizer.get_vocab() != tr.tokenizer.get_vocab()
     tr.teacher = ScriptedTeacher(["2", "8", "garbage", "7"])  # rows: group 0 = 0, 1; group 1 = 2, 3
-    rolls = _spy(monkeypatch, ovd_trainer.rollout, "sample")
-    packs = _spy(monkeypatch, ovd_trainer, "pack")
+    rolls = _spy(monkeypatch, tr.backend, "sample")
+    packs = _spy(monkeypatch, ovd_method, "pack")
     m = tr.train_step()
 
-    student_rows = rolls[0][2].response_ids
+    student_rows = [list(r) for r in rolls[0][2].response_ids]  # (the scorer rewrites the rows)
     (args, _, batch), = packs  # one micro-batch of all four rows
     prefixes, responses = args[0], args[1]
     teacher_ids = tr.tokenizer(ScriptedTeacher.TEACHER_TEXT, add_special_tokens=False)["input_ids"]
@@ -286,7 +287,7 @@ def test_suffix_replacement_keeps_the_student_prefix(
     ex = tr.train_examples[0]
     trajs = [Trajectory(0, body + [tok.eos_token_id], tok.decode(body), False),
              Trajectory(0, body, tok.decode(body), True)]
-    done, failed = tr.replace(trajs, [0, 1], [ex])
+    done, failed = tr.parts.scorer.replace(trajs, [0, 1], [ex])
     assert done == [0, 1] and failed == 0
     k = prefix_cut(body, lambda ids: tok.decode(ids, skip_special_tokens=True))
     assert 0 < k <= len(body) // 2 and tok.decode(body[:k]).endswith(".")
@@ -301,7 +302,7 @@ def test_suffix_replacement_keeps_the_student_prefix(
     # step-level scoring for a played episode: one verdict per assistant turn
     tr.teacher = ScriptedTeacher(["3", "Score: 8"])
     turns = [("user", "Rules."), ("assistant", "[down]"), ("user", "Moved."), ("assistant", "[right]")]
-    assert tr.score_turns(ex, turns).scores == [3.0, 8.0]
+    assert tr.parts.scorer.score_turns(ex, turns).scores == [3.0, 8.0]
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -368,10 +369,11 @@ def test_lora_frozen_verbal_teacher_is_the_base_with_the_adapter_off(
     assert rate(tr.teacher, request, mode="expected").scores == before  # base weights
 
 
-def test_trainer_class_must_match_the_method(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = config_from_dict(ovd_config(tiny_model_dir, tmp_path))
-    with pytest.raises(ConfigError, match="build_trainer"):
-        Trainer(cfg, progress=False)
+def test_ovd_is_the_trainer_with_ovd_parts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tr = Trainer(config_from_dict(ovd_config(tiny_model_dir, tmp_path)), progress=False)
+    assert type(tr) is Trainer and isinstance(tr.parts.scorer, VerbalScorer)
+    assert isinstance(tr.parts.sampler, onpolicy.StudentSampler)  # OPCD's sampler
+    assert isinstance(tr.parts.objective, ovd_method.PolicyGradientObjective)
 
 
 # ---------------------------------------------------------------------------- config errors
@@ -439,24 +441,27 @@ class CountingTeacher(VerbalTeacher):
         return out
 
 
-def _game_ovd_trainer(tiny_model_dir: Path, tmp_path: Path, **ovd_keys: Any) -> OvdTrainer:
+def _game_ovd_trainer(tiny_model_dir: Path, tmp_path: Path, **ovd_keys: Any) -> Trainer:
     cfg = ovd_config(tiny_model_dir, tmp_path, score_mode="generate", reward_weight=0.0, **ovd_keys)
     cfg["task"] = {"name": "frozenlake", "train_size": 4, "eval_size": 2, "test_size": 2}
     cfg["rollout"]["truncate_prompts"] = True  # the tiny model reads 512 positions
     tr = build_trainer(config_from_dict(cfg), progress=False)
-    assert isinstance(tr, OvdTrainer) and tr.episodes
+    assert isinstance(tr.parts.scorer, VerbalScorer) and tr.parts.scorer.episodes
     return tr
 
 
-def _spy_update(tr: OvdTrainer, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+def _spy_update(tr: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """What the update trains: (prompt ids, response ids, advantage) of every row."""
     seen: list[tuple[Any, ...]] = []
-    original = tr._update
+    original = tr.parts.scorer.score
 
-    def wrapper(prompts: Any, responses: Any, adv: Any) -> Any:
-        seen.append((prompts, responses, adv.tolist()))
-        return original(prompts, responses, adv)
+    def wrapper(rows: Any) -> Any:
+        targets = original(rows)
+        seen.append(([rows.pairs[i].student_ids for i in rows.roll.prompt_index], rows.responses,
+                     targets.advantages.tolist()))
+        return targets
 
-    monkeypatch.setattr(tr, "_update", wrapper)
+    monkeypatch.setattr(tr.parts.scorer, "score", wrapper)
     return seen
 
 
@@ -465,7 +470,7 @@ def test_ovd_on_a_game_rates_whole_episodes_and_trains_every_move(
 ) -> None:
     tr = _game_ovd_trainer(tiny_model_dir, tmp_path)
     tr.teacher = CountingTeacher(["2", "8", "5", "5"])  # episodes 0, 1 (problem 0); 2, 3 (problem 1)
-    plays = _spy(monkeypatch, ovd_trainer, "play_for_training")
+    plays = _spy(monkeypatch, onpolicy, "play_for_training")
     updates = _spy_update(tr, monkeypatch)
     m = tr.train_step()
 
@@ -492,7 +497,7 @@ def test_step_level_ovd_rates_every_move(
 ) -> None:
     tr = _game_ovd_trainer(tiny_model_dir, tmp_path, step_level=True)
     tr.teacher = CountingTeacher(["1", "7", "4", "garbage", "9"])
-    plays = _spy(monkeypatch, ovd_trainer, "play_for_training")
+    plays = _spy(monkeypatch, onpolicy, "play_for_training")
     updates = _spy_update(tr, monkeypatch)
     m = tr.train_step()
 

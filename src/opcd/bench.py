@@ -21,7 +21,7 @@ For one model, batch, context length, prompt length and response length it measu
   synthetic rollout (random response tokens, no sampling), for its MFU.
 
 Mode ``ovd`` (``--modes fast,ovd``) adds, in the ``step`` phase, whole OVD steps
-(:class:`opcd.ovd_trainer.OvdTrainer`, ``method=ovd`` with the default ``perf`` switches) on
+(:mod:`opcd.ovd_method`, ``method=ovd`` with the default ``perf`` switches) on
 the same model and number of responses: ``batch // ovd_group`` prompts with
 ``ovd_group`` responses each, the frozen student as the verbal teacher, each in its own
 subprocess, so its peak memory stands next to the OPCD step's. Its teacher keeps no

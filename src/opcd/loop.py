@@ -1,9 +1,8 @@
 """A training run from start to end: the run folder, the loop, the guard, signals.
 
 :func:`train` (the CLI's ``opcd train``) checks the config and the data, prepares the run
-folder (new, resumed or overwritten), builds the method's trainer (:func:`build_trainer`:
-:class:`opcd.trainer.Trainer` for OPCD and the off-policy baseline,
-:class:`opcd.ovd_trainer.OvdTrainer` for OVD) and runs the loop: the in-context ceiling and the first
+folder (new, resumed or overwritten), builds the trainer with the method's parts
+(:func:`build_trainer`) and runs the loop: the in-context ceiling and the first
 evaluation (stopping when the context does not lift the behaviour), then steps, each
 logged to ``metrics.jsonl`` and watched by the collapse guard (:mod:`opcd.guard`),
 evaluations every ``eval.every`` steps, checkpoints, and the final model. SIGINT / SIGTERM
@@ -139,12 +138,8 @@ def _only_unstarted_run(run_dir: Path) -> bool:
 
 
 def build_trainer(cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> Trainer:
-    """The trainer of ``cfg.method``: :class:`Trainer` (opcd, offpolicy: the method's parts on
-    the one step) or :class:`opcd.ovd_trainer.OvdTrainer`."""
-    if cfg.method == "ovd":
-        from opcd.ovd_trainer import OvdTrainer
-
-        return OvdTrainer(cfg, progress=progress, dist=dist)
+    """The trainer of ``cfg.method``: one :class:`Trainer` whose step composes the method's
+    sampler, scorer and objective (:mod:`opcd.method`)."""
     return Trainer(cfg, progress=progress, dist=dist)
 
 
@@ -281,7 +276,7 @@ def _run(
         ckpt.clean_stale(run_dir)
     log.reset_to(start)  # records past the checkpoint are recomputed, exactly once
     if resume:
-        trainer._say(f"resumed {run_dir} at step {start}" if start
+        trainer.say(f"resumed {run_dir} at step {start}" if start
                      else f"no checkpoint in {run_dir} yet: starting again from step 0")
     log.trackers = _open_trackers(cfg, run_dir, start, resume, dist)
     ok = False
@@ -334,7 +329,7 @@ def _train(
     def run_eval(step: int, final: bool = False) -> tuple[EvalResult, Alarm | None]:
         res = trainer.evaluate()
         log.write(eval_record(step, res, False), answers=res.records)
-        trainer._say(f"eval @ step {step}: {res.summary()}")
+        trainer.say(f"eval @ step {step}: {res.summary()}")
         if on_eval:
             on_eval(step, res)
         return res, guard.after_eval(step, res.quality, final=final)
@@ -345,7 +340,7 @@ def _train(
         if wants_ceiling(cfg):
             ceiling = trainer.evaluate(with_context=True)
             log.write(eval_record(0, ceiling, True), answers=ceiling.records)
-            trainer._say(f"in-context reference: {ceiling.summary()}")
+            trainer.say(f"in-context reference: {ceiling.summary()}")
         base, _ = run_eval(0)
         if ceiling is not None and cfg.eval.require_lift and ceiling.score <= base.score:
             raise NothingToDistil(_no_lift_message(ceiling, base, run_dir))
@@ -376,7 +371,7 @@ def _train(
             else:
                 trainer.consecutive_skips = 0
                 bad.clear()
-                trainer._say(trainer.format_step(m))
+                trainer.say(trainer.format_step(m))
             done = trainer.step >= steps
             stopping = dist.any(stop.signum is not None)
             if alarm is None and (done or (cfg.eval.every and trainer.step % cfg.eval.every == 0)):

@@ -15,6 +15,9 @@ built from parts::
   top-k slots plus the rest bucket.
 - Off-policy CD (:mod:`opcd.offpolicy`): the teacher's own responses, generated once and
   stored; their stored top-k log-probs; ``offpolicy.loss`` (forward KL or SFT).
+- OVD (:mod:`opcd.ovd_method`): OPCD's sampler; the verbal teacher's 0-9 verdicts (poor
+  responses replaced by teacher text) as group-normalised advantages; a clipped policy
+  gradient.
 
 Which settings each method supports is :data:`opcd.config.METHODS`. The parts read the run's
 shared state (student, teacher, config, step) through :class:`Host`, which the trainer is.
@@ -33,6 +36,7 @@ from torch import nn
 from opcd.chat import PromptPair
 from opcd.config import Config
 from opcd.distributed import Dist
+from opcd.multiturn import EpisodeRollout
 from opcd.rollout import Rollout
 from opcd.tasks import Task
 from opcd.tasks.base import Example
@@ -50,6 +54,10 @@ class Rows:
     stored: list[dict[str, Any]] | None = None
     """The stored records the rows were read from, one per row (off-policy CD: the teacher's
     responses with their top-k)."""
+    played: EpisodeRollout | None = None
+    """Games: the episodes the rows are the moves of."""
+    problems: list[Example] = field(default_factory=list)
+    """Games: the problem of each group of ``rollout.n`` episodes, in order."""
 
     @property
     def responses(self) -> list[list[int]]:
@@ -60,12 +68,15 @@ class Rows:
 class Targets:
     """The scorer's reading of a step's rows: per row a sparse top-k reading (a server
     teacher's scores, stored teacher log-probs), or the local teacher's response hidden
-    states, or neither (the objective then runs the teacher per micro-batch); ``seconds``
-    counts the time spent in the teacher."""
+    states, or neither (the objective then runs the teacher per micro-batch), or per row an
+    advantage (OVD); ``seconds`` counts the time spent in the teacher, ``figures`` go to the
+    step record."""
 
     sparse: list[Any] | None = None
     hidden: list[torch.Tensor] | None = None
+    advantages: torch.Tensor | None = None
     seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 Totals = list[float]
@@ -91,6 +102,8 @@ class Host(Protocol):
     max_prompt_tokens: int
 
     def prompt_pairs(self, idx: list[int], positions: list[int] | None = None) -> list[PromptPair]: ...
+
+    def say(self, msg: str) -> None: ...
 
 
 class Sampler(Protocol):

@@ -76,7 +76,8 @@ class StudentSampler:
                     max_prompt_tokens=h.max_prompt_tokens, truncate=r.truncate_prompts,
                     backend=h.backend,
                 )
-            return Rows(played.pairs, played.rollout, episode_figures(h.dist, played))
+            return Rows(played.pairs, played.rollout, episode_figures(h.dist, played), played=played,
+                        problems=[h.train_examples[idx[i]] for i in mine])
         pairs = h.prompt_pairs([idx[i] for i in mine], list(mine))
         with sampling:
             roll = h.backend.sample(

@@ -8,7 +8,7 @@ teacher reads the student's *text* and answers with a verbal score. Any teacher 
 different tokenizer, a much larger model, a black box behind an API), and like OPCD the
 teacher may see the task's context c, so OVD is a context-distillation method too.
 
-One step (:class:`opcd.ovd_trainer.OvdTrainer`):
+One step (:mod:`opcd.ovd_method`, on the trainer's one step):
 
 1. rollout: the student samples a group of ``rollout.n`` (>= 2) responses to each prompt x,
    without the context;
@@ -51,7 +51,7 @@ One step (:class:`opcd.ovd_trainer.OvdTrainer`):
 
 Multi-turn games can be scored turn by turn (``ovd.step_level``): :func:`turn_score_requests`
 builds one scoring request per assistant turn and :func:`turn_advantages` turns per-turn
-scores into per-turn advantages; :meth:`opcd.ovd_trainer.OvdTrainer.episode_step` plays the
+scores into per-turn advantages; :class:`opcd.ovd_method.VerbalScorer` rates the
 episodes and calls them (or rates whole transcripts, the default).
 
 Everything in this module except :class:`ModelVerbalTeacher` is pure (no I/O, no models).

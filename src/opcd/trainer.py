@@ -14,9 +14,10 @@ Each step (:meth:`Trainer.train_step`) runs the method's parts (:mod:`opcd.metho
 
 :class:`Trainer` also holds what every method shares: the student (LoRA or full, FSDP),
 the rollout backend, evaluation, checkpoints and exact resume. OPCD's parts are
-:mod:`opcd.onpolicy`, the off-policy baseline's :mod:`opcd.offpolicy`; OVD
-(:mod:`opcd.ovd_trainer`) still replaces the step. The run around the steps (run folder,
-loop, guard, signals) is :mod:`opcd.loop`; ``metrics.jsonl`` is :class:`MetricsLog`.
+:mod:`opcd.onpolicy`, the off-policy baseline's :mod:`opcd.offpolicy`, OVD's
+:mod:`opcd.ovd_method` (its scorer: the verbal teacher's verdicts as advantages). The run
+around the steps (run folder, loop, guard, signals) is :mod:`opcd.loop`; ``metrics.jsonl``
+is :class:`MetricsLog`.
 
 Launched on several processes (``accelerate launch -m opcd train ...``), each process takes
 its shard of every step's prompts and the gradients are summed: see :mod:`opcd.distributed`.
@@ -49,7 +50,7 @@ from opcd.errors import (
 )
 from opcd.evaluate import EvalResult, Judge, evaluate, merge_results, teacher_judge
 from opcd.jsonl import JsonlFile
-from opcd.method import Method, Rows, Totals
+from opcd.method import Method, Rows, Targets, Totals
 from opcd.multiturn import is_multiturn
 from opcd.onpolicy import opcd_method
 from opcd.rollout_backends import (
@@ -253,20 +254,12 @@ class Trainer:
     """Holds the student, the teacher, the task and the optimiser for one run, and runs the
     one training step on the run's method: its sampler, scorer and objective
     (:class:`opcd.method.Method`; OPCD: :mod:`opcd.onpolicy`, off-policy CD:
-    :mod:`opcd.offpolicy`). OVD still has its own step (:mod:`opcd.ovd_trainer`).
+    :mod:`opcd.offpolicy`, OVD: :mod:`opcd.ovd_method`).
     """
-
-    methods: tuple[str, ...] = ("opcd", "offpolicy")
-    """The ``cfg.method`` values this class runs."""
 
     def __init__(self, cfg: Config, *, progress: bool = True, dist: Dist | None = None) -> None:
         from opcd.models import check_tokenizers_compatible, load_model
 
-        if cfg.method not in self.methods:
-            raise ConfigError(
-                f"{type(self).__name__} runs method={' or '.join(self.methods)}, not method={cfg.method}; "
-                "make the trainer with opcd.loop.build_trainer(cfg)."
-            )
         self.dist = dist or Dist.from_env()
         check_distributed(cfg, self.dist)
         self.cfg = cfg
@@ -282,10 +275,10 @@ class Trainer:
             pool = tuple(load_pool(cfg.task.other_system_prompts))
             self.other_system_prompts = OtherSystemPrompts(
                 pool, share, cfg.train.seed, cfg.task.other_system_prompt_mode)
-            self._say(f"other system prompts: {share:.0%} of the training rows get one of "
+            self.say(f"other system prompts: {share:.0%} of the training rows get one of "
                       f"{len(pool)} ({cfg.task.other_system_prompts or 'the built-in pool'}), "
                       f"(task.other_system_prompt_share, mode {cfg.task.other_system_prompt_mode})")
-        self._say(f"loading student {cfg.model} ...")
+        self.say(f"loading student {cfg.model} ...")
         student, self.tokenizer = load_model(cfg.model, device=self.device)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -296,12 +289,12 @@ class Trainer:
         teacher_model = teacher_tok = None
         if cfg.teacher.mode == "model":
             assert cfg.teacher.model
-            self._say(f"loading teacher {cfg.teacher.model} ...")
+            self.say(f"loading teacher {cfg.teacher.model} ...")
             teacher_model, teacher_tok = load_model(cfg.teacher.model, device=self.device)
             if cfg.method != "ovd":  # OVD reads only the teacher's text: any tokenizer
                 check_tokenizers_compatible(self.tokenizer, teacher_tok, cfg.model, cfg.teacher.model)
         if self.dist.fsdp and self.dist.fsdp.activation_checkpointing:
-            self._say("fsdp_activation_checkpointing: train.gradient_checkpointing=true")
+            self.say("fsdp_activation_checkpointing: train.gradient_checkpointing=true")
             cfg.train.gradient_checkpointing = True
         self.student = setup_student(cfg, student)
         # With full fine-tuning the frozen teacher is a copy taken now, before any update
@@ -310,7 +303,7 @@ class Trainer:
         # Before sharding: a sampling copy in rollout.dtype is cast from the whole weights.
         self.backend: RolloutBackend = self._build_backend()
         if self.dist.fsdp:
-            self._say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
+            self.say(f"sharding the student over {self.dist.world} processes (FSDP) ...")
             shard_model(self.student, self.dist.world, self.device, self.dist.fsdp)
             if getattr(self.teacher, "separate_model", None) is not None:
                 # The frozen copy or the other model: its layers sharded too, gathered only
@@ -336,14 +329,14 @@ class Trainer:
         r = self.cfg.rollout
         path = None
         if r.backend == "vllm":
-            self._say("starting the vLLM rollout engine ...")
+            self.say("starting the vLLM rollout engine ...")
             path = resolve_model_ref(self.cfg.model, pull_missing=False).location
         dtype = None if r.dtype in ("model", "auto") else getattr(torch, r.dtype)
         if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and self.cfg.method == "opcd":
             # One process only: processes timing the CPU apart could choose differently.
             dtype, line = choose_rollout_dtype(
                 self.student, min(r.batch_size, self.cfg.train.batch_size * r.n))
-            self._say(line)
+            self.say(line)
         return build_backend(
             r.backend, self.student, self.tokenizer, batch_size=r.batch_size, model_path=path,
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
@@ -359,41 +352,49 @@ class Trainer:
             self.backend.sync_weights(self.student)
 
     def _build_teacher(self, model: nn.Module | None, tokenizer: Any) -> Any:
-        """The teacher of this method (OPCD: the log-prob :class:`Teacher`, or a
-        :class:`~opcd.teacher_server.ServerTeacher` for ``teacher.mode=server``)."""
+        """The teacher of this method: the log-prob :class:`Teacher` (OPCD, off-policy), a
+        :class:`~opcd.teacher_server.ServerTeacher` for ``teacher.mode=server``, or OVD's
+        verbal teacher (:func:`opcd.ovd_method.verbal_teacher`)."""
         t = self.cfg.teacher
+        if self.cfg.method == "ovd":
+            from opcd.ovd_method import verbal_teacher
+
+            return verbal_teacher(self.cfg, self.student, self.tokenizer, model, tokenizer)
         if t.mode == "server":
             assert t.server_url and t.server_model
             return ServerTeacher(t.server_url, t.server_model, top_k=t.server_top_k,
                                  timeout_s=t.server_timeout_s, concurrency=t.server_concurrency)
         return Teacher(t.mode, self.student, model)
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
+        """A line on stderr (main process, with progress on)."""
         if self.progress:
             tqdm.write(msg, file=sys.stderr)
 
-    def _build_method(self) -> Method | None:
-        """The run's method as parts (None for OVD, whose class has its own step)."""
+    def _build_method(self) -> Method:
+        """The run's method as the parts :meth:`train_step` composes."""
         if self.cfg.method == "offpolicy":
             from opcd.offpolicy import offpolicy_method
 
             return offpolicy_method(self)
-        return opcd_method(self) if self.cfg.method == "opcd" else None
+        if self.cfg.method == "ovd":
+            from opcd.ovd_method import ovd_method
+
+            return ovd_method(self)
+        return opcd_method(self)
 
     def _open_run_dir(self, run_dir: Path) -> None:
         """Let the method's parts open the state they keep in the run folder (once)."""
-        if self.parts is not None and self.parts.open is not None and self._opened != run_dir:
+        if self.parts.open is not None and self._opened != run_dir:
             self.parts.open(run_dir)
             self._opened = run_dir
 
     def format_step(self, m: dict[str, Any]) -> str:
         """The terminal line of a step's metrics."""
-        assert self.parts is not None
         return self.parts.format_step(m)
 
     def postfix(self, m: dict[str, Any]) -> dict[str, str]:
         """The progress bar's figures for a step."""
-        assert self.parts is not None
         return self.parts.postfix(m)
 
     # ------------------------------------------------------------------ one step
@@ -417,19 +418,18 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One step of the run's method: sample -> score -> objective per micro-batch -> one
         update."""
-        assert self.parts is not None
         sampler, scorer, objective = self.parts.sampler, self.parts.scorer, self.parts.objective
         self._open_run_dir(Path(self.cfg.run.dir))
         t0 = time.perf_counter()
         idx = self.order.take(self.cfg.train.batch_size)
         rows = sampler.sample(idx)
         t_rollout = time.perf_counter() - t0
+        t_update_start = time.perf_counter()
+        self.student.train()
+        targets = scorer.score(rows)  # (OVD: may replace responses by the teacher's)
         totals = self.dist.sum_floats([  # the whole (global) batch's, for the normalisation
             sum(len(r) for r in rows.responses), sum(1 for r in rows.responses if r),
             len(rows.responses), sum(rows.roll.truncated)])
-        t_update_start = time.perf_counter()
-        self.student.train()
-        targets = scorer.score(rows)
         sums = dict.fromkeys(("loss", *objective.figures), 0.0)
         for sl, weight in self.micro_batches(len(rows.responses)):
             loss, figures = objective.loss(rows, targets, sl, totals, weight)
@@ -441,7 +441,7 @@ class Trainer:
         sums = dict(zip(sums, self.dist.sum_floats(sums.values()), strict=True))
         grad_norm, skip_reason = self.optimizer_step(sums["loss"])
         self.step += 1
-        return self.step_record(idx, rows, totals, sums, grad_norm, skip_reason, t0, t_rollout,
+        return self.step_record(idx, rows, targets, totals, sums, grad_norm, skip_reason, t0, t_rollout,
                                 targets.seconds, time.perf_counter() - t_update_start - targets.seconds)
 
     # ------------------------------------------------------------------ the step's parts
@@ -454,7 +454,7 @@ class Trainer:
         pad = self.dist.max_int(len(starts)) - len(starts) if self.dist.fsdp else 0
         return [(slice(s, s + mb), 1.0) for s in starts] + [(slice(0, mb), 0.0)] * pad
 
-    def step_record(self, idx: list[int], rows: Rows, totals: Totals, sums: dict[str, float],
+    def step_record(self, idx: list[int], rows: Rows, targets: Targets, totals: Totals, sums: dict[str, float],
                     grad_norm: float, skip_reason: str | None, t0: float, t_rollout: float,
                     t_teacher: float, t_update: float) -> dict[str, Any]:
         """The step's ``metrics.jsonl`` record (the objective's per-token figures over the
@@ -473,6 +473,7 @@ class Trainer:
             "time_teacher": t_teacher,
             "time_update": t_update,
             **rows.figures,
+            **targets.figures,
             **self.step_record_tail(idx, time.perf_counter() - t0, total_tokens,
                                     rows.roll.texts[0] if rows.roll.texts else "", skip_reason),
         }
