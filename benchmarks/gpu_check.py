@@ -41,7 +41,7 @@ def _rows(g: torch.Generator, ctx: int, n: int = 6):
 
 
 def check_prefix(dtype: torch.dtype) -> float:
-    from opcd.scoring import PrefixStore, cached_response_hidden, pack, response_logits
+    from opcd.teachers.scoring import PrefixStore, cached_response_hidden, pack, response_logits
 
     model = _tiny(dtype)
     head = model.get_output_embeddings()
@@ -62,7 +62,7 @@ def check_prefix(dtype: torch.dtype) -> float:
 
 
 def check_loss(dtype: torch.dtype) -> dict[str, float]:
-    from opcd import losses
+    from opcd.objectives import losses
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, h, v = 300, 64, 1000
@@ -82,7 +82,7 @@ def check_loss(dtype: torch.dtype) -> dict[str, float]:
 
 
 def check_decode() -> bool:
-    from opcd.rollout import decode
+    from opcd.sampling.rollout import decode
 
     model = _tiny(torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -110,7 +110,7 @@ def _timed(fn) -> float:
 @torch.no_grad()
 def _teacher_timing(model, batch: int, context: int, micro: int) -> dict[str, float]:
     """Teacher hidden states: naive (micro-batches of full rows) vs prefix reuse; best of 3."""
-    from opcd.scoring import PrefixStore, cached_response_hidden, pack, response_hidden
+    from opcd.teachers.scoring import PrefixStore, cached_response_hidden, pack, response_hidden
 
     g = torch.Generator().manual_seed(0)
     ctx = torch.randint(100, 150000, (context + 12,), generator=g).tolist()
@@ -139,7 +139,7 @@ def _teacher_timing(model, batch: int, context: int, micro: int) -> dict[str, fl
 def timing_qwen_shaped() -> dict[str, float]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from opcd import losses
+    from opcd.objectives import losses
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -5,13 +5,13 @@ Each prints wall, user and kernel (system) CPU seconds and the memory it added:
 - ``adamw``: one AdamW step over random parameters of Qwen2.5-0.5B's shapes, torch's
   default multi-tensor (``foreach``), the per-parameter loop and the fused kernel; step 0
   allocates the moments, step 1 is every later step.
-- ``loss``: :func:`opcd.losses.chunked_distill_loss` on 1,024 tokens of a 151,936-token
+- ``loss``: :func:`opcd.objectives.losses.chunked_distill_loss` on 1,024 tokens of a 151,936-token
   head (forward and backward), the built-in objective (reused buffers) against the same
   objective as a token-loss callable (fresh tensors); ``--hold GB`` keeps that much memory
   allocated first, as a training step does (page faults cost more then on this VM).
-- ``decode``: the machine probe's figures (:mod:`opcd.probe`), then seconds per decode step
-  of :func:`opcd.rollout.decode` on the packaged Qwen2.5-Coder-0.5B (``--rows``, default 8;
-  the prompt read excluded), in fp32 plain and with each packed kernel (:mod:`opcd.packing`;
+- ``decode``: the machine probe's figures (:mod:`opcd.sampling.probe`), then seconds per decode step
+  of :func:`opcd.sampling.rollout.decode` on the packaged Qwen2.5-Coder-0.5B (``--rows``, default 8;
+  the prompt read excluded), in fp32 plain and with each packed kernel (:mod:`opcd.sampling.packing`;
   packing time printed apart), with a LoRA adapter (r=16, every linear layer) as its own
   products and merged into the packed weights, and from a bf16 copy; then the memory
   bandwidth of a plain sum over the weights' bytes (the bound a decode step is held to) and
@@ -93,7 +93,7 @@ def loss(hold_gb: int, kind: str | None) -> None:
     if kind is None:
         _each_in_a_process("loss", ("built-in", "callable"), ["--hold", str(hold_gb)])
         return
-    from opcd import losses
+    from opcd.objectives import losses
 
     held = [torch.ones(256 * 1024 * 1024) for _ in range(hold_gb)]  # 1 GiB each
     g = torch.Generator().manual_seed(0)
@@ -119,11 +119,11 @@ def decode(rows: int = 8) -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from opcd import probe
     from opcd.models.load import load_model
-    from opcd.packing import available_kernels, packed_linears
-    from opcd.rollout import decode as decode_loop
-    from opcd.rollout_backends import cast_copy
+    from opcd.sampling import probe
+    from opcd.sampling.packing import available_kernels, packed_linears
+    from opcd.sampling.rollout import decode as decode_loop
+    from opcd.sampling.rollout_backends import cast_copy
 
     model, _ = load_model("qwen2.5-coder-0.5b-instruct")
     model.eval()

@@ -15,7 +15,7 @@ The trainer is ``trl.experimental.sdft.SDFTTrainer`` (self-distillation with a *
 context*: the student samples from the prompt alone, a frozen copy of the initial student
 scores the same tokens with the context): the same on-policy context-distillation setting
 as opcd. Settings matched to ``opcd bench``: the same synthetic context and prompts
-(:func:`opcd.bench.synthetic_task`), the context placed before the prompt in the user turn
+(:func:`opcd.tools.bench.synthetic_task`), the context placed before the prompt in the user turn
 (opcd: ``task.placement=user``, template ``{context}\\n\\n{prompt}``), ``batch`` rollouts
 per step generated together, ``micro-batch`` rows per forward/backward (gradient
 accumulation), responses forced to ``response`` tokens (``min_new_tokens``), loss over the
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opcd.bench import BenchSpec, matmul_gflops, peak_rss_bytes, synthetic_task
     from opcd.models import load_tokenizer, resolve_model_ref
+    from opcd.tools.bench import BenchSpec, matmul_gflops, peak_rss_bytes, synthetic_task
 
     peak = matmul_gflops()
     spec = BenchSpec(model=args.model, batch=args.batch, context=args.context, prompt=args.prompt,

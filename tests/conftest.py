@@ -24,9 +24,9 @@ def sum_tolerance(term_scale: float, ulps: float = 64.0) -> float:
 
 @pytest.fixture(autouse=True, scope="session")
 def _probe_file_in_tmp(tmp_path_factory: pytest.TempPathFactory):
-    """The decode probe (opcd.probe) writes its figures under the tests' tmp dir, not the
+    """The decode probe (opcd.sampling.probe) writes its figures under the tests' tmp dir, not the
     user's cache (the packaged models stay read from there)."""
-    from opcd import probe
+    from opcd.sampling import probe
 
     path = tmp_path_factory.mktemp("probe") / probe.PROBE_FILE
     mp = pytest.MonkeyPatch()

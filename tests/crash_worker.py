@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import transformers.modeling_utils as hf_modeling
 
-import opcd.checkpoint as ckpt_mod
 import opcd.cli
-import opcd.rollout as rollout_mod
-import opcd.trainer as trainer_mod
+import opcd.runtime.checkpoint as ckpt_mod
+import opcd.sampling.rollout as rollout_mod
+import opcd.training.trainer as trainer_mod
 
 torch.set_num_threads(1)  # same arithmetic in every child, and gentle on shared CPUs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opcd.scoring import pack, response_logits
+from opcd.teachers.scoring import pack, response_logits
 
 
 def _rows():

@@ -69,12 +69,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle() -> None:
     graph = import_graph()
-    assert "opcd.loop" in graph and "opcd.trainer" in graph["opcd.loop"]
+    assert "opcd.training.loop" in graph and "opcd.training.trainer" in graph["opcd.training.loop"]
     assert cycles(graph) == []
 
 
 def test_no_class_inherits_from_the_trainer() -> None:
-    """A method is composed of parts (opcd.method), never a subclass of the trainer."""
+    """A method is composed of parts (opcd.training.method), never a subclass of the trainer."""
     for m, f in _modules().items():
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ClassDef):

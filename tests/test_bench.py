@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from opcd import bench
 from opcd.cli import main
+from opcd.tools import bench
 
 
 def test_bench_command_prints_table_and_appends_results(

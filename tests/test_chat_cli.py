@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from test_trainer import tiny_config
 
-from opcd import rollout
-from opcd.chat import encode_chat
 from opcd.cli import main
 from opcd.config import config_from_dict, dump_config
 from opcd.errors import ConfigError, DataError, ModelError, RunFolderError
-from opcd.interactive import (
+from opcd.sampling import rollout
+from opcd.tasks.chat import encode_chat
+from opcd.tools.interactive import (
     ChatContext,
     ChatOptions,
     Lane,
@@ -37,7 +37,7 @@ def _decode(tok: Any, ids: tuple[int, ...]) -> str:
 
 
 class RecordingSample:
-    """Stands in for :func:`opcd.rollout.sample`: records every call, answers fixed text."""
+    """Stands in for :func:`opcd.sampling.rollout.sample`: records every call, answers fixed text."""
 
     def __init__(self, answer: str = "Bonjour") -> None:
         self.answer = answer

@@ -12,9 +12,9 @@ import yaml
 from test_trainer import tiny_config
 
 from opcd.cli import main
-from opcd.compare import compare, parse_spec, weights_id
 from opcd.config import config_from_dict, dump_config
 from opcd.errors import ConfigError
+from opcd.eval.compare import compare, parse_spec, weights_id
 
 
 def fake_run(tmp_path: Path, model_dir: Path, name: str, method: str) -> Path:
@@ -109,7 +109,7 @@ def test_spec_errors() -> None:
 
 
 def test_details_tables_in_markdown_and_csv() -> None:
-    from opcd.compare import Cell, Column, Row, format_csv, format_markdown
+    from opcd.eval.compare import Cell, Column, Row, format_csv, format_markdown
 
     cols = [Column("safety (test)", "safety", "test")]
     rows = [Row("base", "m"), Row("OPCD", "m", run="runs/x")]
@@ -170,7 +170,7 @@ def test_reuse_takes_the_cells_of_another_table(tiny_model_dir: Path, tmp_path: 
 
 
 def test_paired_difference_removes_the_items_difficulty() -> None:
-    from opcd.compare import Cell, paired_difference
+    from opcd.eval.compare import Cell, paired_difference
 
     # items of very different difficulty, the row one point above the base on each
     base = Cell(0.0, 0.0, 4, items={"a": 0.0, "b": 0.2, "c": 0.8, "d": 1.0})
@@ -187,7 +187,7 @@ def test_paired_difference_removes_the_items_difficulty() -> None:
 
 
 def test_bootstrap_interval_is_repeatable_and_covers_the_mean() -> None:
-    from opcd.compare import bootstrap_ci
+    from opcd.eval.compare import bootstrap_ci
 
     values = [float(i % 7) for i in range(200)]
     low, high = bootstrap_ci(values)
@@ -238,7 +238,7 @@ def test_compare_paired_with_a_row(tiny_model_dir: Path, tiny_model_dir_other: P
 
 def test_a_row_with_several_seeds(tiny_model_dir: Path, tiny_model_dir_other: Path,
                                   tmp_path: Path) -> None:
-    from opcd.compare import Cell, seed_mean
+    from opcd.eval.compare import Cell, seed_mean
 
     task = tiny_config(tiny_model_dir, tmp_path / "data")["task"]
     col = {"name": "system_prompt", "split": "eval", "label": "in-dist",
@@ -264,7 +264,7 @@ def test_a_row_with_several_seeds(tiny_model_dir: Path, tiny_model_dir_other: Pa
 
 
 def test_a_cells_identity_leaves_out_settings_only_training_reads() -> None:
-    from opcd.compare import _cell_task
+    from opcd.eval.compare import _cell_task
 
     spec = {"tasks": [{"name": "french", "label": "x", "task": {"other_system_prompt_share": 0.5}},
                       "french"],

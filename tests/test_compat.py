@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from opcd.compat import (
+from opcd.runtime.compat import (
     NEW_CACHE,
     OLD_CACHE,
     cache_kwarg,
@@ -106,8 +106,8 @@ def test_output_cache_reads_the_output_field() -> None:
 
 
 def test_sampling_and_prefix_scoring_raise_no_deprecation(tiny, strict: list[str]) -> None:
-    from opcd.rollout import sample
-    from opcd.scoring import PrefixStore, cached_response_hidden, uncached_response_hidden
+    from opcd.sampling.rollout import sample
+    from opcd.teachers.scoring import PrefixStore, cached_response_hidden, uncached_response_hidden
 
     model, tok = tiny
     base = tok.encode("What is the capital of Italy? " * 4)
@@ -128,7 +128,7 @@ def test_sampling_and_prefix_scoring_raise_no_deprecation(tiny, strict: list[str
 
 def test_student_setup_raises_only_silenced_library_warnings(tiny, strict: list[str]) -> None:
     from opcd.config import Config
-    from opcd.trainer import setup_student
+    from opcd.training.trainer import setup_student
 
     quiet_library_warnings()  # what the command line does: peft's own deprecated reads
     model, _ = tiny

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_training_steps_on_cuda_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
     from test_trainer import tiny_config, weights
 
-    from opcd.loop import train
     from opcd.models import load_model
+    from opcd.training.loop import train
 
     model, _ = load_model(str(tiny_model_dir))
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
@@ -28,7 +28,7 @@ def test_training_steps_on_cuda_in_bf16(tiny_model_dir: Path, tmp_path: Path) ->
 def test_lora_and_ovd_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
     from test_trainer import tiny_config
 
-    from opcd.loop import train
+    from opcd.training.loop import train
 
     res = train(tiny_config(tiny_model_dir, tmp_path / "lora", lora={"enabled": True, "r": 4},
                             train={"steps": 1}), progress=False)

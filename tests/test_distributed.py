@@ -1,4 +1,4 @@
-"""Multi-process runs (opcd.distributed, opcd.sharding): 2 processes under ``accelerate
+"""Multi-process runs (opcd.runtime.distributed, opcd.runtime.sharding): 2 processes under ``accelerate
 launch`` (gloo on the CPU), data parallel and FSDP, against one process with the same global
 batch, and resuming across process counts and between sharded and unsharded runs.
 
@@ -22,14 +22,14 @@ import yaml
 from conftest import save_tiny, sum_tolerance
 from test_trainer import tiny_config, weights
 
-from opcd import rollout
 from opcd.config import config_from_dict
-from opcd.distributed import Dist, launched
 from opcd.errors import ConfigError
-from opcd.evaluate import EvalResult, merge_results
-from opcd.loop import train
-from opcd.sharding import FsdpSettings, fsdp_settings_from_env
-from opcd.trainer import check_distributed
+from opcd.eval.evaluate import EvalResult, merge_results
+from opcd.runtime.distributed import Dist, launched
+from opcd.runtime.sharding import FsdpSettings, fsdp_settings_from_env
+from opcd.sampling import rollout
+from opcd.training.loop import train
+from opcd.training.trainer import check_distributed
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_cpu.yaml"
 
@@ -381,8 +381,8 @@ def test_a_sharded_teachers_prefix_cache_follows_its_own_shards(tiny_model_dir: 
     import torch.distributed as torch_dist
     from transformers import AutoModelForCausalLM
 
-    from opcd.sharding import FsdpSettings, gathered, shard_frozen_layers, shard_model
-    from opcd.teacher import Teacher
+    from opcd.runtime.sharding import FsdpSettings, gathered, shard_frozen_layers, shard_model
+    from opcd.teachers.teacher import Teacher
 
     torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
     try:

@@ -11,7 +11,8 @@ from test_trainer import tiny_config
 
 from opcd.config import TaskConfig, config_from_dict
 from opcd.errors import ConfigError, DataError
-from opcd.experience import (
+from opcd.tasks import build_task
+from opcd.tools.experience import (
     Experience,
     ParsedItem,
     extract_experience,
@@ -21,7 +22,6 @@ from opcd.experience import (
     strip_thinking,
     trim_to_budget,
 )
-from opcd.tasks import build_task
 
 M = "- EXPERIENCE ITEM:"
 

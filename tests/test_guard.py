@@ -13,9 +13,9 @@ from test_trainer import tiny_config, weights
 from opcd.cli import main
 from opcd.config import GuardConfig, config_from_dict
 from opcd.errors import CollapseError, NothingToDistil
-from opcd.guard import CollapseGuard
-from opcd.loop import train
-from opcd.trainer import Trainer
+from opcd.training.guard import CollapseGuard
+from opcd.training.loop import train
+from opcd.training.trainer import Trainer
 
 
 def _step(step: int, entropy: float = 1.5, mass: float = 0.95) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness through opcd (opcd.harness, `opcd eval --harness`, compare's harness
+"""lm-evaluation-harness through opcd (opcd.eval.harness, `opcd eval --harness`, compare's harness
 columns) on the tiny random model and local task files: no network.
 
 The tests that run lm-eval skip where the optional extra is not installed
@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from test_trainer import tiny_config
 
-from opcd import harness
 from opcd.cli import main
-from opcd.compare import compare, parse_spec
 from opcd.config import config_from_dict, dump_config
 from opcd.errors import ConfigError
+from opcd.eval import harness
+from opcd.eval.compare import compare, parse_spec
 
 # a task of the user's own in the plain lm-eval form (a local JSONL file by absolute path).
 # Its regex removes every character before the exact match, so every answer matches: the
@@ -107,7 +107,7 @@ def test_eval_arguments_are_checked(argv: list[str], message: str,
 def test_plain_eval_keeps_its_defaults(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
     from opcd import api
-    from opcd.evaluate import EvalResult
+    from opcd.eval.evaluate import EvalResult
 
     seen: dict[str, Any] = {}
 
@@ -182,7 +182,7 @@ def test_packaged_task_reads_its_jsonl_from_any_folder(monkeypatch: pytest.Monke
 
 
 class FakeHarness:
-    """Stands in for opcd.harness.evaluate_harness: item i of a model scores i % 2 (the
+    """Stands in for opcd.eval.harness.evaluate_harness: item i of a model scores i % 2 (the
     second model: 1), and the calls are recorded."""
 
     def __init__(self, other: str) -> None:

@@ -1,4 +1,4 @@
-"""``opcd.hub``: the model card made from a run folder, pushing with a stand-in for
+"""``opcd.tools.hub``: the model card made from a run folder, pushing with a stand-in for
 ``huggingface_hub.HfApi`` (never the network), ``run.push_to_hub`` and ``opcd push``."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 import yaml
 from test_trainer import tiny_config
 
-from opcd import hub
 from opcd.cli import main
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, HubError, RunFolderError
-from opcd.loop import train
 from opcd.tasks.system_prompt import FRENCH_SYSTEM_PROMPT
+from opcd.tools import hub
+from opcd.training.loop import train
 
 EVALS = [  # as a real french run writes them: the in-context reference first
     {"type": "eval", "step": 0, "score": 0.9166666666666666, "stderr": 0.057630339567343716, "n": 24,

@@ -24,8 +24,8 @@ def smol_tokenizer():
 
 
 def test_context_placement_through_real_chat_template(smol_tokenizer) -> None:
-    from opcd.chat import encode_chat, student_messages, teacher_messages
     from opcd.tasks.base import Example
+    from opcd.tasks.chat import encode_chat, student_messages, teacher_messages
     from opcd.tasks.system_prompt import SystemPromptTask
 
     ctx = "Always answer in French."
@@ -46,7 +46,7 @@ def test_context_placement_through_real_chat_template(smol_tokenizer) -> None:
 
 
 def test_two_training_steps_on_real_model(tmp_path: Path) -> None:
-    from opcd.loop import train
+    from opcd.training.loop import train
 
     cfg = {
         "model": NAME,

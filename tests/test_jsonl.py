@@ -1,4 +1,4 @@
-"""opcd.jsonl: the one append-only JSONL store (torn lines, headers, write errors)."""
+"""opcd.runtime.jsonl: the one append-only JSONL store (torn lines, headers, write errors)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opcd.jsonl import HeaderMismatch, JsonlFile
+from opcd.runtime.jsonl import HeaderMismatch, JsonlFile
 
 
 def test_torn_and_foreign_lines_are_skipped(tmp_path: Path) -> None:

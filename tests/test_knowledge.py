@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from conftest import build_tokenizer
 
-from opcd.chat import encode_chat, student_messages, teacher_messages
 from opcd.config import TaskConfig
 from opcd.errors import ConfigError, DataError
 from opcd.tasks import TASKS, build_task
+from opcd.tasks.chat import encode_chat, student_messages, teacher_messages
 from opcd.tasks.knowledge import (
     HANDBOOK_PATH,
     INSTRUCTION,

@@ -1,4 +1,4 @@
-"""Tests for opcd.losses: top-k slot divergences, sampled-token loss and reductions.
+"""Tests for opcd.objectives.losses: top-k slot divergences, sampled-token loss and reductions.
 
 Expected values come from independent computations written here: plain-Python ``math`` on a
 4-token vocabulary, or brute-force full-vocabulary formulas built from ``exp / sum(exp)``.
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opcd.losses import (
+from opcd.objectives.losses import (
     TokenLoss,
     distill_token_loss,
     forward_kl_slots,
@@ -682,7 +682,7 @@ def test_bad_arguments_raise_helpful_value_errors() -> None:
 
 
 def test_chunked_equals_one_call_and_records_each_chunk_once() -> None:
-    from opcd.losses import chunked
+    from opcd.objectives.losses import chunked
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50)

@@ -1,4 +1,4 @@
-"""Multi-turn OPCD on games (opcd.multiturn): every generated turn is a training row, the
+"""Multi-turn OPCD on games (opcd.sampling.multiturn): every generated turn is a training row, the
 environment's text is only ever in prompts (never in the loss), the teacher sees the
 experience, and evaluation plays whole episodes."""
 
@@ -9,14 +9,14 @@ from typing import Any
 
 from test_trainer import tiny_config
 
-from opcd.chat import encode_chat
-from opcd.evaluate import evaluate
-from opcd.loop import train
-from opcd.multiturn import is_multiturn, play_for_training
-from opcd.scoring import pack
+from opcd.eval.evaluate import evaluate
+from opcd.sampling.multiturn import is_multiturn, play_for_training
 from opcd.tasks import build_task
+from opcd.tasks.chat import encode_chat
 from opcd.tasks.games import GameTask
-from opcd.trainer import Trainer
+from opcd.teachers.scoring import pack
+from opcd.training.loop import train
+from opcd.training.trainer import Trainer
 
 EXPERIENCE = "- EXPERIENCE ITEM: avoid the holes H."
 

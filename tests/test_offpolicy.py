@@ -11,12 +11,17 @@ import pytest
 import torch
 from test_trainer import tiny_config, weights
 
-from opcd import losses
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
-from opcd.loop import train
-from opcd.offpolicy import RESPONSES_FILE, OffPolicyObjective, StoredResponses, offpolicy_token_loss
-from opcd.trainer import Trainer
+from opcd.methods.offpolicy import (
+    RESPONSES_FILE,
+    OffPolicyObjective,
+    StoredResponses,
+    offpolicy_token_loss,
+)
+from opcd.objectives import losses
+from opcd.training.loop import train
+from opcd.training.trainer import Trainer
 
 
 def test_forward_kl_over_teacher_top_k_by_hand() -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from test_trainer import tiny_config
 
-from opcd.chat import insert_context, student_messages
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, DataError
 from opcd.tasks.base import Example
+from opcd.tasks.chat import insert_context, student_messages
 from opcd.tasks.other_system_prompts import OtherSystemPrompts, load_pool
-from opcd.trainer import Trainer
+from opcd.training.trainer import Trainer
 
 
 def test_the_context_goes_in_front_of_the_conversations_own_system_message() -> None:

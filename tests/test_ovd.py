@@ -18,11 +18,10 @@ import torch
 from conftest import build_tiny_model, build_tokenizer
 from test_trainer import tiny_config, weights
 
-from opcd import onpolicy, ovd, ovd_method
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, ModelError
-from opcd.loop import build_trainer, train
-from opcd.ovd import (
+from opcd.methods import onpolicy, ovd, ovd_method
+from opcd.methods.ovd import (
     Generation,
     Trajectory,
     VerbalTeacher,
@@ -41,8 +40,9 @@ from opcd.ovd import (
     turn_advantages,
     turn_score_requests,
 )
-from opcd.ovd_method import VerbalScorer
-from opcd.trainer import Trainer
+from opcd.methods.ovd_method import VerbalScorer
+from opcd.training.loop import build_trainer, train
+from opcd.training.trainer import Trainer
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -408,8 +408,8 @@ def test_group_size_only_checked_for_ovd() -> None:
 def test_bench_ovd_step_next_to_opcd_step(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from opcd import bench
     from opcd.cli import main
+    from opcd.tools import bench
 
     monkeypatch.setattr(bench.BenchSpec, "matmul_seconds", 0.05)
     spec = bench.BenchSpec(model=str(tiny_model_dir), phases=["step", "update"], modes=["fast", "ovd"])

@@ -1,4 +1,4 @@
-"""Packed decode weights (:mod:`opcd.packing`, oneDNN and MKL kernels): same products and
+"""Packed decode weights (:mod:`opcd.sampling.packing`, oneDNN and MKL kernels): same products and
 samples as the plain weights up to float rounding, row results independent of the other
 rows, modules restored, and the ``auto`` policy driven by the machine's probe."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from opcd import packing, rollout
+from opcd.sampling import packing, rollout
 
 needs_mkl = pytest.mark.skipif(not packing.packing_available(),
                                reason="this torch build has no packed fp32 kernel")
@@ -134,7 +134,7 @@ def test_linear_subclasses_with_their_own_forward_are_left_alone() -> None:
 @needs_mkl
 def test_an_evaluation_packs_once_for_all_its_batches(tiny, monkeypatch, tmp_path) -> None:
     from opcd.config import TaskConfig
-    from opcd.evaluate import evaluate
+    from opcd.eval.evaluate import evaluate
     from opcd.tasks import build_task
 
     model, tok = tiny

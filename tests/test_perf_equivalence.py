@@ -1,10 +1,10 @@
 """The fast paths compute the same numbers as the naive ones.
 
-- Teacher prefix reuse (:func:`opcd.scoring.cached_response_hidden`) against full rows
-  (:func:`opcd.scoring.response_logits` on ``pack``), across context lengths, padding
+- Teacher prefix reuse (:func:`opcd.teachers.scoring.cached_response_hidden`) against full rows
+  (:func:`opcd.teachers.scoring.response_logits` on ``pack``), across context lengths, padding
   layouts, batch sizes, shared and distinct contexts: max |log-prob difference| < 1e-4 (fp32).
 - The stored prefix is never modified by its uses and reuse does not depend on history.
-- The chunked loss (:func:`opcd.losses.chunked_distill_loss`) against the unchunked loss:
+- The chunked loss (:func:`opcd.objectives.losses.chunked_distill_loss`) against the unchunked loss:
   same value and gradients (hidden states, head weight, bias).
 - One trainer step with ``perf`` on equals one with ``perf`` off.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opcd import losses
-from opcd.scoring import (
+from opcd.objectives import losses
+from opcd.teachers.scoring import (
     PrefixStore,
     _SharedPrefixLayer,
     cached_response_hidden,
@@ -176,7 +176,7 @@ def _teacher_rows(teacher, prompts, responses, **kw):
 
 
 def test_live_teacher_store_follows_the_weights(tiny) -> None:
-    from opcd.teacher import Teacher
+    from opcd.teachers.teacher import Teacher
 
     model, _ = tiny
     teacher = Teacher("live", model)
@@ -195,7 +195,7 @@ def test_live_teacher_store_follows_the_weights(tiny) -> None:
 def test_lora_frozen_teacher_keeps_its_store_across_adapter_updates(tiny) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from opcd.teacher import Teacher
+    from opcd.teachers.teacher import Teacher
 
     model, _ = tiny
     student = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -409,7 +409,7 @@ def test_trainer_step_fast_equals_naive(tiny_model_dir: Path, tmp_path: Path, se
     from test_trainer import tiny_config
 
     from opcd.config import config_from_dict
-    from opcd.trainer import Trainer
+    from opcd.training.trainer import Trainer
 
     variants = {"naive": {"prefix_cache": False, "chunked_loss": False},
                 "fast": {"loss_chunk_tokens": 3, "prefix_block_tokens": 8}}
@@ -444,7 +444,7 @@ def test_trainer_step_fast_equals_naive(tiny_model_dir: Path, tmp_path: Path, se
 # ---------------------------------------------------------------------------- rollout
 def test_decode_loop_equals_generate_greedy_with_early_stops(tiny) -> None:
     """The sampling loop (finished rows leave the batch) equals model.generate."""
-    from opcd import rollout
+    from opcd.sampling import rollout
 
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
@@ -464,7 +464,7 @@ def test_decode_loop_equals_generate_greedy_with_early_stops(tiny) -> None:
 def test_top_p_filter_matches_transformers() -> None:
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from opcd.rollout import _top_p_filter
+    from opcd.sampling.rollout import _top_p_filter
 
     scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     for p in (0.1, 0.5, 0.9, 0.999):
@@ -473,7 +473,7 @@ def test_top_p_filter_matches_transformers() -> None:
 
 
 def test_decode_threads_are_restored_and_results_equal(tiny, monkeypatch) -> None:
-    from opcd import rollout
+    from opcd.sampling import rollout
 
     model, tok = tiny
     prompts = [[5, 6, 7, 8], [9, 10, 11]]

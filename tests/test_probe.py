@@ -1,4 +1,4 @@
-"""The machine probe (:mod:`opcd.probe`): measured once per machine and shape, kept on disk,
+"""The machine probe (:mod:`opcd.sampling.probe`): measured once per machine and shape, kept on disk,
 measured again for another machine or a damaged file; and the sampler's CDF inversion."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from opcd import probe
-from opcd.rollout import invert_cdf
+from opcd.sampling import probe
+from opcd.sampling.rollout import invert_cdf
 
 
 @pytest.fixture

@@ -29,9 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_trainer import tiny_config, weights, write_prompts
 
-import opcd.checkpoint as ckpt
-import opcd.trainer as trainer_mod
-from opcd.chat import fill_template, teacher_messages
+import opcd.runtime.checkpoint as ckpt
+import opcd.training.trainer as trainer_mod
 from opcd.config import Config, config_from_dict, load_config
 from opcd.errors import (
     CheckpointError,
@@ -40,10 +39,11 @@ from opcd.errors import (
     NumericalError,
     RunFolderError,
 )
-from opcd.evaluate import evaluate
-from opcd.loop import train
+from opcd.eval.evaluate import evaluate
+from opcd.tasks.chat import fill_template, teacher_messages
 from opcd.tasks.system_prompt import SystemPromptTask, load_prompts
-from opcd.trainer import MetricsLog
+from opcd.training.loop import train
+from opcd.training.trainer import MetricsLog
 
 TESTS = Path(__file__).resolve().parent
 TIMING = {"time_rollout", "time_teacher", "time_update", "time_step", "tokens_per_s"}
@@ -688,9 +688,9 @@ def test_eval_resumes_and_generates_only_missing_items(
     plain = evaluate(model, tok, task, **kw)
     assert plain.records == full.records  # the file changes nothing about the results
 
-    import opcd.rollout
+    import opcd.sampling.rollout
 
-    real = opcd.rollout.sample
+    real = opcd.sampling.rollout.sample
     generated: list[int] = []
 
     def interrupted_after_2_batches(model: Any, tok: Any, prompts: list[Any], **k: Any) -> Any:
@@ -700,7 +700,7 @@ def test_eval_resumes_and_generates_only_missing_items(
         return real(model, tok, prompts, **k)
 
     path = tmp_path / "part.jsonl"
-    monkeypatch.setattr(opcd.rollout, "sample", interrupted_after_2_batches)
+    monkeypatch.setattr(opcd.sampling.rollout, "sample", interrupted_after_2_batches)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, tok, task, **kw, records_path=path)
     assert len(path.read_text().splitlines()) == 1 + 4  # header + two batches
@@ -714,7 +714,7 @@ def test_eval_resumes_and_generates_only_missing_items(
         return real(model, tok, prompts, **k)
 
     generated.clear()
-    monkeypatch.setattr(opcd.rollout, "sample", counting)
+    monkeypatch.setattr(opcd.sampling.rollout, "sample", counting)
     res = evaluate(model, tok, task, **kw, records_path=path)
     assert generated == [2, 2, 1]  # batches 2-4 only (batch 2 had the torn line)
     assert res.resumed == 2 and res.records == full.records and res.score == full.score

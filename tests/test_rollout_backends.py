@@ -1,4 +1,4 @@
-"""Rollout backends: the HF backend is opcd.rollout.sample exactly; config and availability
+"""Rollout backends: the HF backend is opcd.sampling.rollout.sample exactly; config and availability
 errors; the vLLM backend's glue with a stand-in engine (CPU); the real vLLM engine (GPU only).
 """
 
@@ -14,11 +14,10 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tokenizer
 
-from opcd import rollout, rollout_backends
-from opcd.chat import encode_chat
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
-from opcd.rollout_backends import (
+from opcd.sampling import rollout, rollout_backends
+from opcd.sampling.rollout_backends import (
     HFBackend,
     VllmBackend,
     build_backend,
@@ -27,6 +26,7 @@ from opcd.rollout_backends import (
     response_from_output,
 )
 from opcd.tasks.base import derive_seed
+from opcd.tasks.chat import encode_chat
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_VLLM = rollout_backends.vllm_installed()
@@ -60,7 +60,7 @@ def test_hf_backend_is_rollout_sample_exactly(tiny: Any, temperature: float) -> 
 
 
 def test_hf_backend_follows_patches_of_rollout_sample(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Benchmarks replace ``opcd.rollout.sample``; the backend must see the replacement."""
+    """Benchmarks replace ``opcd.sampling.rollout.sample``; the backend must see the replacement."""
     model, tok, prompts = tiny
     fake = rollout.Rollout([0], [[1]], ["x"], [True])
     monkeypatch.setattr(rollout, "sample", lambda *a, **k: fake)
@@ -72,7 +72,7 @@ def test_trainer_samples_through_its_backend_and_syncs_after_each_update(
 ) -> None:
     from test_trainer import tiny_config
 
-    from opcd.trainer import Trainer
+    from opcd.training.trainer import Trainer
 
     trainer = Trainer(config_from_dict(tiny_config(tiny_model_dir, tmp_path)), progress=False)
     assert isinstance(trainer.backend, HFBackend) and trainer.backend.model is trainer.student
@@ -128,7 +128,7 @@ def test_trainer_with_a_bf16_rollout_copy_syncs_it_after_each_update(
 ) -> None:
     from test_trainer import tiny_config
 
-    from opcd.trainer import Trainer
+    from opcd.training.trainer import Trainer
 
     cfg = tiny_config(tiny_model_dir, tmp_path, rollout={"dtype": "bfloat16"})
     trainer = Trainer(config_from_dict(cfg), progress=False)
@@ -181,7 +181,7 @@ def test_trainer_with_rollout_dtype_auto_follows_the_probe(
 ) -> None:
     from test_trainer import tiny_config
 
-    from opcd.trainer import Trainer
+    from opcd.training.trainer import Trainer
 
     figures = {"float32": 2e-3, "bfloat16": 1e-3}
     monkeypatch.setattr(rollout_backends.probe, "product_seconds", lambda hidden, rows: figures)
@@ -246,8 +246,8 @@ def test_rollout_dtype_config_errors(tmp_path: Path, keys: dict[str, Any], metho
 
 
 def test_vllm_is_refused_on_several_processes(tmp_path: Path) -> None:
-    from opcd.distributed import Dist
-    from opcd.trainer import check_distributed
+    from opcd.runtime.distributed import Dist
+    from opcd.training.trainer import check_distributed
 
     cfg = config_from_dict(_cfg(tmp_path, backend="vllm"))
     dist = Dist(rank=0, world=2, device=torch.device("cpu"))
@@ -261,7 +261,7 @@ def test_vllm_without_vllm_or_cuda_is_a_config_error_naming_the_fix(
 ) -> None:
     from test_trainer import tiny_config
 
-    from opcd.loop import build_trainer
+    from opcd.training.loop import build_trainer
 
     cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, rollout={"backend": "vllm"}))
     with pytest.raises(ConfigError) as e:
@@ -468,7 +468,7 @@ def test_vllm_backend_samples_and_follows_synced_weights(tmp_path: Path) -> None
 def test_training_steps_with_the_vllm_backend(tmp_path: Path) -> None:
     from test_trainer import tiny_config
 
-    from opcd.loop import train
+    from opcd.training.loop import train
 
     folder = _save_tiny_for_vllm(tmp_path / "tiny")
     cfg = tiny_config(folder, tmp_path, rollout={"backend": "vllm", "vllm_gpu_memory_utilization": 0.2},

@@ -164,7 +164,7 @@ def test_registry_errors() -> None:
 
 
 def test_context_goes_into_the_user_turn_by_the_paper_template() -> None:
-    from opcd.chat import teacher_messages
+    from opcd.tasks.chat import teacher_messages
 
     task = build_task(TaskConfig(name="math", context="- EXPERIENCE ITEM: check your work"))
     ex = Example(id="x", prompt=math_prompt("1+1?"), meta={"answer": "2", "family": "gsm8k"})

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from opcd.chat import student_messages, teacher_messages
 from opcd.config import TaskConfig
 from opcd.errors import ConfigError, DataError
 from opcd.tasks import build_task
+from opcd.tasks.chat import student_messages, teacher_messages
 from opcd.tasks.safety import (
     SAFETY_SYSTEM_PROMPT,
     SafetyTask,

@@ -1,4 +1,4 @@
-"""The teacher behind a server (opcd.teacher_server), against a stand-in server that answers
+"""The teacher behind a server (opcd.teachers.teacher_server), against a stand-in server that answers
 in vLLM's ``prompt_logprobs`` format with a real (tiny) model: the scores equal the model's own
 log-probs, a sampled-token OPCD run through the server takes the steps of the in-process
 frozen teacher, and a bad server or setting gives a clear error."""
@@ -20,8 +20,13 @@ from test_trainer import tiny_config, weights
 
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
-from opcd.loop import train
-from opcd.teacher_server import ServerTeacher, SparseScores, TeacherServerError, server_token_loss
+from opcd.teachers.teacher_server import (
+    ServerTeacher,
+    SparseScores,
+    TeacherServerError,
+    server_token_loss,
+)
+from opcd.training.loop import train
 
 
 class _StandIn:

@@ -11,12 +11,9 @@ from typing import Any
 import pytest
 from test_trainer import tiny_config
 
-from opcd import loop
-from opcd import trainer as trainer_module
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError
-from opcd.loop import train
-from opcd.tracking import (
+from opcd.runtime.tracking import (
     TRACKERS,
     TensorBoardTracker,
     Trackers,
@@ -25,6 +22,9 @@ from opcd.tracking import (
     check_report_to,
     open_trackers,
 )
+from opcd.training import loop
+from opcd.training import trainer as trainer_module
+from opcd.training.loop import train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from opcd.config import config_from_dict
 from opcd.errors import DataError, ModelError, RunFolderError
-from opcd.loop import train
-from opcd.trainer import Trainer, build_optimizer
+from opcd.training.loop import train
+from opcd.training.trainer import Trainer, build_optimizer
 
 
 def write_prompts(path: Path, n: int = 12) -> Path:
@@ -99,7 +99,7 @@ def test_objectives_run(tiny_model_dir: Path, tmp_path: Path, objective: str) ->
 
 
 def test_frozen_teacher_does_not_move_live_does(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from opcd.scoring import pack
+    from opcd.teachers.scoring import pack
 
     batch = pack([[5, 6, 7]], [[8, 9]], pad_id=0)
     for mode, should_change in (("frozen", False), ("live", True)):
@@ -112,7 +112,7 @@ def test_frozen_teacher_does_not_move_live_does(tiny_model_dir: Path, tmp_path: 
 
 
 def test_lora_frozen_teacher_is_base_with_adapter_off(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from opcd.scoring import pack, response_logits
+    from opcd.teachers.scoring import pack, response_logits
 
     cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, lora={"enabled": True, "r": 4},
                                        train={"lr": 0.05}))
@@ -249,7 +249,7 @@ def test_optimizer_state_resumes_across_fused_and_default(
     tiny_model_dir: Path, tmp_path: Path, saved_fused: bool
 ) -> None:
     """A checkpoint written by either AdamW resumes under the other; the run's choice stays."""
-    from opcd import checkpoint as ckpt
+    from opcd.runtime import checkpoint as ckpt
 
     first_p, second_p = _adamw_pair()
     cfg_of = {f: config_from_dict(tiny_config(tiny_model_dir, tmp_path, perf={"fused_optimizer": f}))

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from opcd.config import TaskConfig
-from opcd.evaluate import evaluate
+from opcd.eval.evaluate import evaluate
 from opcd.models import load_model
 from opcd.tasks import build_task
 from opcd.tasks.behaviours import load_suite

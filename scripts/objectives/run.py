@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from opcd.config import config_from_dict, load_config
-from opcd.demo import DEMO_CONFIG
-from opcd.loop import train
+from opcd.tools.demo import DEMO_CONFIG
+from opcd.training.loop import train
 
 OUT = Path("runs/objectives")
 

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from opcd.guard import CollapseGuard, GuardConfig
+from opcd.training.guard import CollapseGuard, GuardConfig
 
 OUT = Path("runs/objectives")
 

@@ -26,7 +26,7 @@ __all__ = ["__version__", "compare", "demo", "evaluate_model", "extract_experien
 
 def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
     if name == "train":
-        from opcd.loop import train
+        from opcd.training.loop import train
 
         return train
     if name == "evaluate_model":
@@ -34,15 +34,15 @@ def __getattr__(name: str) -> Any:  # lazy: importing opcd must not import torch
 
         return evaluate_model
     if name == "demo":
-        from opcd.demo import demo
+        from opcd.tools.demo import demo
 
         return demo
     if name == "extract_experience":
-        from opcd.experience import extract_experience
+        from opcd.tools.experience import extract_experience
 
         return extract_experience
     if name == "compare":
-        from opcd.compare import compare
+        from opcd.eval.compare import compare
 
         return compare
     if name == "load_config":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opcd.config import config_from_dict, read_yaml
-from opcd.evaluate import EvalResult, evaluate, teacher_judge
+from opcd.eval.evaluate import EvalResult, evaluate, teacher_judge
 
 
 def evaluate_model(
@@ -28,11 +28,11 @@ def evaluate_model(
     ``records_path``: a JSONL file the records are appended to batch by batch; running the
     same evaluation again skips the items already there (``opcd eval --output-jsonl``).
     ``judge``: a model (e.g. the base a run started from, same tokenizer) that rates the
-    answers' quality given the context (:func:`opcd.evaluate.teacher_judge`).
+    answers' quality given the context (:func:`opcd.eval.evaluate.teacher_judge`).
     """
     from opcd.models import check_tokenizers_compatible, load_model
     from opcd.tasks import build_task
-    from opcd.teacher import Teacher
+    from opcd.teachers.teacher import Teacher
 
     data = read_yaml(config) if config else {}
     data.setdefault("task", {})

@@ -12,9 +12,9 @@
     opcd chat MODEL_OR_RUN [--context TEXT | --context-file PATH] [--side-by-side | --compare-base]
     opcd push RUN_DIR [REPO_ID] [--public | --private]
 
-Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.demo``,
+Each command calls one function (``opcd.train``, ``opcd.evaluate_model``, ``opcd.tools.demo``,
 ``opcd.models.list_models`` / ``pull``; ``opcd eval --harness``: lm-evaluation-harness
-through ``opcd.harness.evaluate_harness``, an optional extra). User errors (:class:`opcd.errors.OpcdError`) are
+through ``opcd.eval.harness.evaluate_harness``, an optional extra). User errors (:class:`opcd.errors.OpcdError`) are
 printed as one paragraph and exit with status 2. ``opcd train`` stopped by SIGINT / SIGTERM
 saves a checkpoint and exits with 130 / 143 (128 + the signal), saying to continue with
 ``--resume``.
@@ -31,7 +31,7 @@ from opcd.errors import CollapseError, OpcdError, TrainingInterrupted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from opcd.loop import train
+    from opcd.training.loop import train
 
     result = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet)
@@ -79,7 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_eval_harness(args: argparse.Namespace) -> int:
     """``opcd eval MODEL_OR_RUN --harness TASKS``: lm-eval on the model; a table, and with
     --output the metrics, settings and every item's record as JSON."""
-    from opcd.harness import evaluate_harness
+    from opcd.eval.harness import evaluate_harness
 
     refs = ([args.model] if args.model else []) + list(args.overrides)
     if len(refs) != 1:
@@ -112,7 +112,7 @@ def _cmd_eval_harness(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from opcd.demo import demo
+    from opcd.tools.demo import demo
 
     demo(run_dir=args.run_dir, steps=args.steps, model=args.model, progress=not args.quiet,
          overrides=args.overrides)
@@ -135,7 +135,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from opcd.bench import BenchSpec, run
+    from opcd.tools.bench import BenchSpec, run
 
     spec = BenchSpec(
         model=args.model, batch=args.batch, context=args.context, prompt=args.prompt,
@@ -155,7 +155,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from opcd.experience import extract_experience
+    from opcd.tools.experience import extract_experience
 
     res = extract_experience(args.config, args.overrides, overwrite=args.overwrite,
                              progress=not args.quiet)
@@ -166,7 +166,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from opcd.compare import compare, spec_from_runs
+    from opcd.eval.compare import compare, spec_from_runs
 
     if (args.spec is None) == (not args.runs):
         raise OpcdError("`opcd compare` takes a SPEC.yaml or --runs A B ..., not both or neither.")
@@ -185,7 +185,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from opcd.interactive import ChatOptions, chat_session, format_event, open_chat, stdin_lines
+    from opcd.tools.interactive import (
+        ChatOptions,
+        chat_session,
+        format_event,
+        open_chat,
+        stdin_lines,
+    )
 
     options = ChatOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed)
@@ -200,7 +206,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from opcd.hub import push
+    from opcd.tools.hub import push
 
     url = push(args.run_dir, args.repo_id, private=args.private)
     print(f"pushed {args.run_dir}/final (with its model card) to {url}")
@@ -352,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from opcd.compat import quiet_library_warnings
+    from opcd.runtime.compat import quiet_library_warnings
 
     quiet_library_warnings()
     args = build_parser().parse_args(argv)

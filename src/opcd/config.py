@@ -92,7 +92,7 @@ class TeacherConfig:
     mode: TeacherMode = "frozen"
     """frozen: a frozen copy of the initial student; model: another frozen model; live: the
     current student weights under no_grad; server: a model behind a vLLM server
-    (``server_url``; see ``opcd.teacher_server``)."""
+    (``server_url``; see ``opcd.teachers.teacher_server``)."""
     model: str | None = None
     """The teacher model for ``mode: model`` (must share the student's tokenizer)."""
     server_url: str | None = None
@@ -126,12 +126,12 @@ class RolloutConfig:
     """Who samples: ``hf`` (opcd's KV-cache loop / HF generate on the training model; CPU and
     GPU) or ``vllm`` (a vLLM engine on the training GPU, weights synced after every update;
     optional extra, CUDA only, method=opcd on one process; not yet run on a GPU). See
-    ``opcd.rollout_backends`` and docs/scale.md."""
+    ``opcd.sampling.rollout_backends`` and docs/scale.md."""
     vllm_gpu_memory_utilization: float = 0.3
     """rollout.backend=vllm: the share of the GPU's memory the vLLM engine may take (weights
     and its key/value cache), in (0, 1]; the rest is left to training."""
     dtype: RolloutDtype = "auto"
-    """rollout.backend=hf: ``auto`` (default) measures this CPU once (:mod:`opcd.probe`) and
+    """rollout.backend=hf: ``auto`` (default) measures this CPU once (:mod:`opcd.sampling.probe`) and
     samples from a bf16 copy where bf16 products are at least 1.5x faster than fp32 ones,
     else with the training model (always the training model on a GPU or when it is not
     fp32); the choice and its figures are printed at start. ``model`` samples with the
@@ -149,7 +149,7 @@ class LossConfig:
     objective: Objective = "forward_kl"
     """forward_kl (default: on the student's own samples, the teacher's likely tokens are
     raised in one step, see docs/objectives.md), reverse_kl (the paper's), jsd (``beta``),
-    akl (forward and reverse KL mixed per token, see :mod:`opcd.losses`) or sampled_token
+    akl (forward and reverse KL mixed per token, see :mod:`opcd.objectives.losses`) or sampled_token
     (the per-token advantage log p_t(y_t) - log p_s(y_t) with a policy-gradient loss)."""
     top_k: int = 256
     tail: bool = True
@@ -239,7 +239,7 @@ class RunConfig:
     ``<run.dir>/tensorboard/``), ``wandb`` (WANDB_MODE=offline works without an account),
     ``trackio``. One name or a list; [] (default): none. Each is an optional extra, e.g.
     ``pip install 'opcd[tensorboard]'``; a missing one is reported before any model is
-    loaded. See :mod:`opcd.tracking`."""
+    loaded. See :mod:`opcd.runtime.tracking`."""
     tracking_project: str = "opcd"
     """The wandb / trackio project the run is logged in (the run is named after run.dir's
     last folder)."""
@@ -249,7 +249,7 @@ class RunConfig:
     scores from ``metrics.jsonl``) into ``final/`` and uploads ``final/`` to that repo (needs
     ``hf auth login`` or ``HF_TOKEN``, and internet). A failed push keeps the local model and
     says how to retry: ``opcd push RUN_DIR REPO_ID``. None (default): nothing is uploaded.
-    See :mod:`opcd.hub`."""
+    See :mod:`opcd.tools.hub`."""
     hub_private: bool = True
     """run.push_to_hub: create the repo private (default); an existing repo keeps its
     visibility."""
@@ -260,7 +260,7 @@ GuardAction = Literal["stop", "warn", "off"]
 
 @dataclass
 class GuardConfig:
-    """The collapse guard (:mod:`opcd.guard`): figures checked against their start values."""
+    """The collapse guard (:mod:`opcd.training.guard`): figures checked against their start values."""
 
     action: GuardAction = "stop"
     """stop: end the run and keep the last state that passed every check as ``final/``;
@@ -273,7 +273,7 @@ class GuardConfig:
     """The student's top-k mass may not fall below this share of the first step's."""
     max_quality_drop: float = 2.0
     """Nats per token the answers' quality (how natural the frozen base model, given the
-    context, finds them: see opcd.evaluate) may fall below the first evaluation's (measured:
+    context, finds them: see opcd.eval.evaluate) may fall below the first evaluation's (measured:
     -1.2 while a student switched language mid-answer, recovering to 0 two steps later;
     garbage tokens score log p ~ -15 where the entropy is ~2)."""
     max_final_quality_drop: float = 1.0
@@ -312,7 +312,7 @@ class PerfConfig:
 
 @dataclass
 class OvdConfig:
-    """On-policy Verbal Distillation (``method: ovd``, see :mod:`opcd.ovd`).
+    """On-policy Verbal Distillation (``method: ovd``, see :mod:`opcd.methods.ovd`).
 
     The student samples ``rollout.n`` (>= 2) responses per prompt; the teacher rates each
     0-9 in words; responses rated below ``threshold`` are replaced by teacher text; the
@@ -321,7 +321,7 @@ class OvdConfig:
 
     score_prompt: str | None = None
     """The teacher's scoring request, with ``{problem}``, ``{response}`` and optionally
-    ``{context}`` (None: the built-in prompt, see :data:`opcd.ovd.SCORE_PROMPT`)."""
+    ``{context}`` (None: the built-in prompt, see :data:`opcd.methods.ovd.SCORE_PROMPT`)."""
     score_mode: ScoreMode = "expected"
     """expected: the teacher's next-token probabilities over the digits 0-9 (one forward
     pass, sum of d * p(d)); generate: the teacher writes a short answer, the score is parsed."""
@@ -351,7 +351,7 @@ class OvdConfig:
 
 @dataclass
 class OffPolicyConfig:
-    """Off-policy context distillation (``method: offpolicy``, see :mod:`opcd.offpolicy`).
+    """Off-policy context distillation (``method: offpolicy``, see :mod:`opcd.methods.offpolicy`).
 
     The teacher (with the context) samples the responses once (saved with its top-k
     log-probs, ``loss.top_k``, in the run folder); the student learns them without it.
@@ -363,7 +363,7 @@ class OffPolicyConfig:
 
 @dataclass
 class ExtractConfig:
-    """Experiential knowledge extraction (``opcd extract``, see :mod:`opcd.experience`)."""
+    """Experiential knowledge extraction (``opcd extract``, see :mod:`opcd.tools.experience`)."""
 
     problems: int = 30
     """Training problems walked through per extraction run."""

@@ -42,7 +42,7 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
     system: str | None = None
     """The conversation's own system message, which student and teacher both see (the
-    teacher's with the context in front, see :func:`opcd.chat.insert_context`); None: the
+    teacher's with the context in front, see :func:`opcd.tasks.chat.insert_context`); None: the
     chat template's default."""
 
 

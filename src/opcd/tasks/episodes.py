@@ -154,7 +154,7 @@ def conversation_messages(
     if placement == "system":
         return [{"role": "system", "content": context}, *messages]
     if messages:
-        from opcd.chat import fill_template  # lazily: opcd.chat imports this package
+        from opcd.tasks.chat import fill_template  # lazily: opcd.tasks.chat imports this package
 
         first = fill_template(user_template, context, messages[0]["content"])
         messages[0] = {"role": "user", "content": first}

@@ -6,7 +6,7 @@ system prompt S it may then drop S's instructions, or apply the behaviour twice 
 context is given as well (docs/objectives.md measures both on the behaviour suite). With
 ``task.other_system_prompt_share`` > 0, that share of OPCD's training rows gets a system
 message S drawn from a pool: the student sees S, the teacher the context followed by S in
-one system message (:func:`opcd.chat.insert_context`), so the student learns the context's
+one system message (:func:`opcd.tasks.chat.insert_context`), so the student learns the context's
 behaviour *together with* whatever else a system prompt asks (``task.other_system_prompt_mode:
 compose``); or the teacher sees S alone (``replace``), so the context becomes the model's
 default system prompt, which a user's own replaces, as it would in context. Evaluation is
@@ -15,7 +15,7 @@ unchanged.
 The built-in pool (``data/other_system_prompts.txt``) holds role, domain and tone prompts and
 none of the behaviour suite's kinds of rule (languages, openings, closings, formats, word
 limits, casing, named personas), so the suite stays a fair out-of-distribution check.
-Where it sits: the trainer's prompt building (:meth:`opcd.trainer.Trainer.prompt_pairs`).
+Where it sits: the trainer's prompt building (:meth:`opcd.training.trainer.Trainer.prompt_pairs`).
 """
 
 from __future__ import annotations

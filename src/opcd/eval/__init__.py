@@ -1,0 +1,1 @@
+"""Evaluation: scoring models, comparison tables, plots, lm-evaluation-harness."""

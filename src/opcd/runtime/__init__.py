@@ -1,0 +1,1 @@
+"""Run-time services: checkpoints, JSONL stores, processes and FSDP, trackers, library compatibility."""

@@ -1,0 +1,1 @@
+"""Sampling responses: HF / packed / vLLM rollout, and multi-turn episodes."""

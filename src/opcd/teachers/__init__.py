@@ -1,0 +1,1 @@
+"""Teachers: a local model (frozen, live, other), a server; reading models at response positions."""

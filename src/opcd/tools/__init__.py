@@ -1,0 +1,1 @@
+"""Commands around training: bench, demo, experience extraction, hub, chat."""
