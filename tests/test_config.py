@@ -111,7 +111,7 @@ def test_the_method_table_decides_what_a_method_accepts(method: str) -> None:
     if row.rollout_dtype:
         config_from_dict(cfg)
     else:
-        with pytest.raises(ConfigError, match="rollout.dtype=bfloat16 is supported for method=opcd only"):
+        with pytest.raises(ConfigError, match=f"rollout.dtype=bfloat16 is not supported for method={method}"):
             config_from_dict(cfg)
 
 

@@ -47,6 +47,29 @@ def test_single_process_is_a_no_op() -> None:
     assert torch.equal(p.grad, torch.full((3,), 2.0))
 
 
+def test_global_figures_divide_sums_over_processes() -> None:
+    """Means over the global batch, not means of per-process means; a figure no process has
+    is None; counts are summed."""
+
+    class TwoProcesses(Dist):
+        """Rank 0 of two, the other's values given (sum_floats adds them)."""
+
+        def __init__(self, other: list[float]) -> None:
+            super().__init__(0, 2)
+            self.other = other
+
+        def sum_floats(self, values):  # type: ignore[no-untyped-def]
+            return [a + b for a, b in zip(values, self.other, strict=True)]
+
+    mine = {"score": (2.0 + 4.0, 2), "frac": (1.0, 4), "none": (0.0, 0)}
+    theirs = [9.0, 1, 3.0, 4, 0.0, 0, 5]  # score 9 over 1 row, frac 3 of 4, count 5
+    out = TwoProcesses(theirs).global_figures(mine, counts={"rejected": 2})
+    assert out == {"score": 5.0, "frac": 0.5, "none": None, "rejected": 7}
+    assert isinstance(out["rejected"], int)
+    assert Dist().global_figures(mine, counts={"rejected": 2}) == {
+        "score": 3.0, "frac": 0.25, "none": None, "rejected": 2}
+
+
 def test_shards_cover_the_batch_once() -> None:
     shards = [Dist(r, 3).shard(8) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(8))
@@ -97,9 +120,13 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
     with pytest.raises(ConfigError, match=r"train.batch_size=4 .* 8 processes"):
         check_distributed(cfg, Dist(0, 8))
     ovd = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=ovd", "rollout.n=2"])
-    with pytest.raises(ConfigError, match="method=ovd runs on one process"):
-        check_distributed(ovd, Dist(1, 2))
+    check_distributed(ovd, Dist(1, 2))  # data parallel: fine
     sharded = Dist(0, 2, fsdp=FsdpSettings())
+    with pytest.raises(ConfigError, match="method=ovd runs data parallel but not .*FSDP.*--multi_gpu"):
+        check_distributed(ovd, sharded)
+    offpolicy = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=offpolicy"])
+    with pytest.raises(ConfigError, match="method=offpolicy runs on one process"):
+        check_distributed(offpolicy, Dist(1, 2))
     check_distributed(cfg, sharded)
     for override in ("lora.enabled=true", "teacher.mode=live", "rollout.dtype=bfloat16"):
         check_distributed(config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override]), sharded)
@@ -244,6 +271,35 @@ def test_two_processes_equal_one_and_resume_across_counts(
     recs = [json.loads(r) for r in (mixed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in recs if r["type"] == "train"] == [1, 1, 2, 2]
     _assert_close(weights(mixed_dir / "final"), one_final, initial)
+
+
+def test_ovd_on_two_processes_equals_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """OVD data parallel: each process samples, rates and normalises its own prompts' groups;
+    the gradients are summed and the step's figures are over the global batch. The verdicts
+    are the teacher's expected digit (deterministic) and nothing is replaced, so two
+    processes give the one-process run's weights and figures. One step: from the second on,
+    weights that differ by rounding can flip the sign of a group's advantages where its
+    verdicts nearly tie (a tiny random teacher's expected digits do)."""
+    from test_ovd import ovd_config
+
+    def cfg(name: str) -> dict[str, Any]:
+        c = ovd_config(tiny_model_dir, tmp_path / name, score_mode="expected", threshold=0)
+        c["train"].update(steps=1, batch_size=4, micro_batch_size=2)
+        c["eval"].update(size=2, every=0)
+        return c
+
+    one = train(cfg("one"), progress=False)
+    two = cfg("two")
+    _launch(two, tmp_path / "two")
+    two_dir = Path(two["run"]["dir"])
+    recs = [json.loads(r) for r in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["type"] == "train"]
+    assert [r["processes"] for r in steps] == [2]
+    a, b = one.history[0], steps[0]
+    for key in ("loss", "grad_norm", "verbal_score", "reward", "digit_mass",
+                "student_response_len", "zero_adv_groups", "response_len"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    _assert_close(weights(two_dir / "final"), weights(one.final_model), weights(tiny_model_dir))
 
 
 def test_fsdp_equals_one_process_and_resumes_across_counts(tmp_path: Path) -> None:

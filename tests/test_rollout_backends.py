@@ -147,6 +147,23 @@ def test_trainer_with_a_bf16_rollout_copy_syncs_it_after_each_update(
     assert next(trainer.student.parameters()).dtype == torch.float32
 
 
+def test_ovd_samples_through_the_backend_copy_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """OVD's sampler is OPCD's: with rollout.dtype its responses come from the synced copy."""
+    from test_ovd import ovd_config
+
+    from opcd.training.trainer import Trainer
+
+    cfg = ovd_config(tiny_model_dir, tmp_path, score_mode="expected")
+    cfg["rollout"]["dtype"] = "bfloat16"
+    trainer = Trainer(config_from_dict(cfg), progress=False)
+    copy_model = trainer.backend.model
+    assert copy_model is not trainer.student and next(copy_model.parameters()).dtype == torch.bfloat16
+    for _ in range(2):
+        assert trainer.train_step()["response_len"] > 0
+    for p, q in zip(trainer.student.parameters(), copy_model.parameters(), strict=True):
+        assert torch.equal(q, p.detach().to(torch.bfloat16))
+
+
 def test_a_dtype_slower_than_float32_is_named_with_the_fix(
     tiny: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -225,7 +242,7 @@ def test_vllm_memory_share_out_of_range(tmp_path: Path, value: float) -> None:
         config_from_dict(_cfg(tmp_path, vllm_gpu_memory_utilization=value))
 
 
-@pytest.mark.parametrize("method", ["ovd", "offpolicy"])
+@pytest.mark.parametrize("method", ["offpolicy"])
 def test_vllm_is_refused_for_other_methods(tmp_path: Path, method: str) -> None:
     cfg = _cfg(tmp_path, backend="vllm", n=2)
     cfg["method"] = method
@@ -235,7 +252,7 @@ def test_vllm_is_refused_for_other_methods(tmp_path: Path, method: str) -> None:
 
 @pytest.mark.parametrize(("keys", "method", "match"), [
     ({"dtype": "bfloat16", "backend": "vllm"}, "opcd", "applies to rollout.backend=hf"),
-    ({"dtype": "bfloat16", "n": 2}, "ovd", "method=opcd only"),
+    ({"dtype": "bfloat16"}, "offpolicy", "not supported for method=offpolicy"),
     ({"dtype": "fp8"}, "opcd", "rollout.dtype"),
 ])
 def test_rollout_dtype_config_errors(tmp_path: Path, keys: dict[str, Any], method: str, match: str) -> None:

@@ -581,7 +581,9 @@ class MethodSupport:
     rollout_dtype: bool
     """A separate sampling copy in another dtype (``rollout.dtype``)."""
     processes: bool
-    """Several processes (accelerate / torchrun, DDP or FSDP)."""
+    """Several processes (accelerate / torchrun), data parallel."""
+    fsdp: bool
+    """Several processes with the student sharded (an FSDP launch configuration)."""
     loss_keys: tuple[str, ...]
     """The ``loss.*`` settings it reads (the others are ignored: a note says so)."""
 
@@ -592,21 +594,21 @@ METHODS: dict[str, MethodSupport] = {
         scorer="the teacher's log-probs with the context (local model or server)",
         objective="loss.objective over the top-k slots (+ the rest bucket)",
         teacher_modes=("frozen", "live", "model", "server"), rollout_backends=("hf", "vllm"),
-        rollout_dtype=True, processes=True,
+        rollout_dtype=True, processes=True, fsdp=True,
         loss_keys=("objective", "top_k", "tail", "renormalize", "union", "beta", "reduction")),
     "offpolicy": MethodSupport(
         sampler="the teacher's own responses with the context, generated once and stored",
         scorer="the teacher's top-k log-probs, stored with its responses",
         objective="offpolicy.loss (forward KL over the teacher's top-k, or SFT)",
         teacher_modes=("frozen", "model"), rollout_backends=("hf",),
-        rollout_dtype=False, processes=False,
+        rollout_dtype=False, processes=False, fsdp=False,
         loss_keys=("top_k", "tail", "renormalize", "reduction")),
     "ovd": MethodSupport(
         sampler="the student without the context, rollout.n responses a prompt",
         scorer="the verbal teacher's 0-9 score (low-scored responses replaced)",
         objective="a clipped policy gradient on group-normalised scores",
-        teacher_modes=("frozen", "live", "model"), rollout_backends=("hf",),
-        rollout_dtype=False, processes=False,
+        teacher_modes=("frozen", "live", "model"), rollout_backends=("hf", "vllm"),
+        rollout_dtype=True, processes=True, fsdp=False,
         loss_keys=("reduction",)),
 }
 """Which sampler / scorer / objective each method is, and which settings it supports:
@@ -632,8 +634,8 @@ def _check_method(cfg: Config) -> None:
         )
     if cfg.rollout.dtype not in ("model", "auto") and not m.rollout_dtype:
         raise ConfigError(
-            f"rollout.dtype={cfg.rollout.dtype} is supported for method=opcd only (method="
-            f"{cfg.method} samples with the training model). Remove rollout.dtype."
+            f"rollout.dtype={cfg.rollout.dtype} is not supported for method={cfg.method} (it "
+            f"samples {m.sampler}). Remove rollout.dtype."
         )
 
 

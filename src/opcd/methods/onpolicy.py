@@ -43,14 +43,10 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
 
 def episode_figures(dist: Dist, played: EpisodeRollout) -> dict[str, float]:
     """Success rate, moves and invalid moves of a step's episodes (all processes)."""
-    eps = played.episodes
-    won, moves, invalid, n, rows = dist.sum_floats([
-        sum(e.success for e in eps), sum(e.moves for e in eps),
-        sum(e.invalid_moves for e in eps), len(eps), len(played.pairs),
-    ])
-    n = max(n, 1.0)
-    return {"episode_success": won / n, "episode_moves": moves / n,
-            "invalid_moves": invalid, "trained_turns": rows}
+    eps, n = played.episodes, len(played.episodes)
+    return dist.global_figures(
+        {"episode_success": (sum(e.success for e in eps), n), "episode_moves": (sum(e.moves for e in eps), n)},
+        counts={"invalid_moves": sum(e.invalid_moves for e in eps), "trained_turns": len(played.pairs)})
 
 
 class StudentSampler:

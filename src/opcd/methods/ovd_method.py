@@ -71,10 +71,6 @@ def has_outcome_reward(task: Task) -> bool:
     return flag if isinstance(flag, bool) else task.name in OUTCOME_TASKS
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -187,7 +183,7 @@ class VerbalScorer:
         groups = roll.prompt_index  # prompt-major: n rows per prompt
         trajs = [Trajectory(g, ids, text, cut) for g, ids, text, cut
                  in zip(groups, roll.response_ids, roll.texts, roll.truncated, strict=True)]
-        student_len = _mean([len(r) for r in roll.response_ids]) or 0.0
+        student_len = float(sum(len(r) for r in roll.response_ids))
         t = time.perf_counter()
         first = self.rate_responses([examples[g] for g in groups], roll.texts)
         t_score = time.perf_counter() - t
@@ -216,25 +212,28 @@ class VerbalScorer:
         outcome = [float(self.host.task.score(examples[tr.group], tr.text)) for tr in trajs]
         rewards = mix_rewards(outcome, verbal, self.reward_weight)
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(-1, n)).view(-1)
-        rows_n = max(len(trajs), 1)
+        known_first = [s for s in first.scores if s is not None]
+        known = [s for s in scores if s is not None]
         teacher_scores = [scores[i] for i in replaced if scores[i] is not None]
         mass = [x for r in ratings for x in r.digit_mass if x == x]
+        zero = adv.view(-1, n).eq(0).all(dim=1)
+        rows_n = len(trajs)
+        figures = self.host.dist.global_figures({
+            "verbal_score": (sum(known_first), len(known_first)),
+            "verbal_score_final": (sum(known), len(known)),
+            "teacher_score": (sum(teacher_scores), len(teacher_scores)),
+            "digit_mass": (sum(mass), len(mass)),
+            "outcome_reward": (sum(outcome), rows_n),
+            "reward": (sum(rewards), rows_n),
+            "replaced_frac": (len(replaced), rows_n),
+            "student_response_len": (student_len, rows_n),
+            "zero_adv_groups": (float(zero.sum()), zero.numel()),
+        }, counts={"rejected": len(rejected), "replace_failed": failed, "unparseable": unparseable,
+                   "too_long": sum(r.too_long for r in ratings)})
         return Targets(advantages=adv, seconds=t_score + t_replace, figures={
-            "verbal_score": _mean([s for s in first.scores if s is not None]),
-            "verbal_score_final": _mean([s for s in scores if s is not None]),
-            "teacher_score": _mean(teacher_scores),
-            "outcome_reward": sum(outcome) / rows_n,
-            "reward": sum(rewards) / rows_n,
+            **figures,
             "reward_weight": self.reward_weight,
-            "replaced_frac": len(replaced) / rows_n,
-            "rejected": len(rejected),
-            "replace_failed": failed,
-            "unparseable": unparseable,
             **({"unparseable_texts": bad_texts} if bad_texts else {}),
-            "too_long": sum(r.too_long for r in ratings),
-            "digit_mass": _mean(mass),
-            "zero_adv_groups": adv.view(-1, n).eq(0).all(dim=1).float().mean().item(),
-            "student_response_len": student_len,
             "time_score": t_score,
             "time_replace": t_replace,
         })
@@ -249,27 +248,29 @@ class VerbalScorer:
         t = time.perf_counter()
         row_adv, ratings = self.rate_episodes(examples, played, groups)
         t_score = time.perf_counter() - t
-        rows_n = max(len(rows.responses), 1)
         known = [s for s in ratings.scores if s is not None]
         success = [float(ep.success) for ep in played.episodes]
         flat = torch.tensor(success).view(-1, n)
+        same = flat.eq(flat[:, :1]).all(dim=1)
         mass = [x for x in ratings.digit_mass if x == x]
+        rows_n = len(rows.responses)
+        figures = self.host.dist.global_figures({
+            "verbal_score": (sum(known), len(known)),
+            "verbal_score_final": (sum(known), len(known)),
+            "teacher_score": (0.0, 0),
+            "digit_mass": (sum(mass), len(mass)),
+            "outcome_reward": (sum(success), len(success)),
+            "same_outcome_groups": (float(same.sum()), same.numel()),
+            "zero_adv_rows": (sum(a == 0.0 for a in row_adv), rows_n),
+            "student_response_len": (sum(len(r) for r in rows.responses), rows_n),
+        }, counts={"rejected": 0, "replace_failed": 0,
+                   "unparseable": sum(s is None for s in ratings.scores) - ratings.too_long,
+                   "too_long": ratings.too_long})
         return Targets(advantages=torch.tensor(row_adv, dtype=torch.float64), seconds=t_score, figures={
-            "verbal_score": _mean(known),
-            "verbal_score_final": _mean(known),
-            "teacher_score": None,
-            "outcome_reward": sum(success) / max(len(success), 1),
+            **figures,
             "reward_weight": self.reward_weight,
             "step_level": self.host.cfg.ovd.step_level,
             "replaced_frac": 0.0,
-            "rejected": 0,
-            "replace_failed": 0,
-            "unparseable": sum(s is None for s in ratings.scores) - ratings.too_long,
-            "too_long": ratings.too_long,
-            "digit_mass": _mean(mass),
-            "same_outcome_groups": flat.eq(flat[:, :1]).all(dim=1).float().mean().item(),
-            "zero_adv_rows": sum(a == 0.0 for a in row_adv) / rows_n,
-            "student_response_len": sum(len(r) for r in rows.responses) / rows_n,
             "time_score": t_score,
             "time_replace": 0.0,
         })

@@ -24,7 +24,7 @@ An FSDP launch configuration shards the student over the processes instead of co
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -97,6 +97,19 @@ class Dist:
         t = torch.tensor(vals, dtype=torch.float64, device=self._comm_device())
         torch_dist.all_reduce(t)
         return t.tolist()
+
+    def global_figures(self, ratios: Mapping[str, tuple[float, float]],
+                       counts: Mapping[str, int] | None = None) -> dict[str, float | int | None]:
+        """A step's figures over every process's rows, in one all-reduce: each of ``ratios``
+        is (numerator, denominator), both summed before the division (None where the sum of
+        denominators is 0: no process had a value); ``counts`` are summed."""
+        counts = counts or {}
+        total = self.sum_floats([*(x for pair in ratios.values() for x in pair), *counts.values()])
+        out: dict[str, float | int | None] = {
+            key: total[2 * i] / total[2 * i + 1] if total[2 * i + 1] else None
+            for i, key in enumerate(ratios)}
+        out.update({key: int(round(v)) for key, v in zip(counts, total[2 * len(ratios):], strict=True)})
+        return out
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any."""

@@ -221,10 +221,17 @@ def check_distributed(cfg: Config, dist: Dist) -> None:
     """Refuse the settings a multi-process run cannot honour, naming the fix."""
     if not dist.enabled:
         return
-    if not METHODS[cfg.method].processes:
+    support = METHODS[cfg.method]
+    if not support.processes:
         raise ConfigError(
             f"method={cfg.method} runs on one process for now ({dist.world} were launched). "
             "Launch it without accelerate/torchrun, or use method=opcd."
+        )
+    if dist.fsdp and not support.fsdp:
+        raise ConfigError(
+            f"method={cfg.method} runs data parallel but not with the student sharded (FSDP) "
+            f"for now ({dist.world} processes were launched with an FSDP configuration). Launch "
+            "it with `accelerate launch --multi_gpu --num_processes N`, or use method=opcd."
         )
     if cfg.rollout.backend == "vllm":
         raise ConfigError(
@@ -332,7 +339,7 @@ class Trainer:
             self.say("starting the vLLM rollout engine ...")
             path = resolve_model_ref(self.cfg.model, pull_missing=False).location
         dtype = None if r.dtype in ("model", "auto") else getattr(torch, r.dtype)
-        if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and self.cfg.method == "opcd":
+        if r.dtype == "auto" and r.backend == "hf" and self.dist.world == 1 and METHODS[self.cfg.method].rollout_dtype:
             # One process only: processes timing the CPU apart could choose differently.
             dtype, line = choose_rollout_dtype(
                 self.student, min(r.batch_size, self.cfg.train.batch_size * r.n))
