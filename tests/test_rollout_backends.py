@@ -482,7 +482,8 @@ def test_vllm_backend_samples_and_follows_synced_weights(tmp_path: Path) -> None
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
-def test_training_steps_with_the_vllm_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["opcd", "ovd"])
+def test_training_steps_with_the_vllm_backend(tmp_path: Path, method: str) -> None:
     from test_trainer import tiny_config
 
     from opcd.training.loop import train
@@ -490,6 +491,9 @@ def test_training_steps_with_the_vllm_backend(tmp_path: Path) -> None:
     folder = _save_tiny_for_vllm(tmp_path / "tiny")
     cfg = tiny_config(folder, tmp_path, rollout={"backend": "vllm", "vllm_gpu_memory_utilization": 0.2},
                       train={"steps": 2})
+    if method == "ovd":
+        cfg.update(method="ovd", ovd={"score_mode": "expected"})
+        cfg["rollout"]["n"] = 2
     res = train(cfg, progress=False)
     assert res.steps == 2
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
