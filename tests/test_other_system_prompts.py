@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from test_trainer import tiny_config
 
+import opcd.tasks
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, DataError
 from opcd.tasks.base import Example
@@ -52,6 +54,11 @@ def test_draws_are_a_share_of_rows_and_repeat_for_the_same_step_and_position() -
 def test_the_pool_is_read_from_a_file_and_bad_files_are_named(tmp_path: Path) -> None:
     builtin = load_pool()
     assert len(builtin) >= 20 and all(s.strip() == s and s for s in builtin)
+    # none of the behaviour suite's own prompts: the suite stays an out-of-distribution check
+    suite = [json.loads(line)["system_prompt"] for line in
+             (Path(opcd.tasks.__file__).parent / "data" / "behaviour_suite.jsonl").read_text().splitlines()]
+    assert not set(builtin) & set(suite)
+    assert not any(rule in s for s in builtin for rule in ('"Hello there!"', '"- "', '"answer"', "Spanish"))
     f = tmp_path / "pool.txt"
     f.write_text("\ufeffOne.\n\n  Two.  \n", encoding="utf-8")
     assert load_pool(f) == ["One.", "Two."]
@@ -82,7 +89,8 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
     pool = tmp_path / "pool.txt"
     pool.write_text("You are a librarian.\n")
     cfg = tiny_config(tiny_model_dir, tmp_path, task={"other_system_prompt_share": 1.0,
-                                                      "other_system_prompts": str(pool)})
+                                                      "other_system_prompts": str(pool),
+                                                      "other_system_prompt_mode": "compose"})
     trainer = Trainer(config_from_dict(cfg), progress=False)
     for pair in trainer.prompt_pairs([0, 1]):
         student = trainer.tokenizer.decode(pair.student_ids)
@@ -90,9 +98,8 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
         assert "librarian" in student and "French" not in student
         assert teacher.index("French") < teacher.index("librarian")
     off = tiny_config(tiny_model_dir, tmp_path / "off", task={"other_system_prompt_share": 0})
-    replace = tiny_config(tiny_model_dir, tmp_path / "replace", task={
-        "other_system_prompt_share": 1.0, "other_system_prompts": str(pool),
-        "other_system_prompt_mode": "replace"})
+    replace = tiny_config(tiny_model_dir, tmp_path / "replace", task={  # the default mode
+        "other_system_prompt_share": 1.0, "other_system_prompts": str(pool)})
     replacing = Trainer(config_from_dict(replace), progress=False)
     for pair in replacing.prompt_pairs([0, 1]):  # the teacher's prompt is the student's
         assert pair.teacher_ids == pair.student_ids

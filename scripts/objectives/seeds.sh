@@ -22,7 +22,8 @@ PY
 }
 for s in 0 1 2; do
   cell "seeds-replace-s$s" task.behaviour=spanish_replies train.seed=$s train.steps=16 eval.every=16 \
-    task.other_system_prompt_share=0.5 task.other_system_prompt_mode=replace
+    task.other_system_prompt_share=0.5 task.other_system_prompt_mode=replace \
+    task.other_system_prompts=scripts/objectives/pool_roles.txt  # the role pool these ran with
 done
 compare_existing
 for s in 0 1 2; do

@@ -73,14 +73,15 @@ class TaskConfig:
     """OPCD: the share of training rows given a system message of their own, drawn from
     ``other_system_prompts`` (see ``other_system_prompt_mode`` and
     ``opcd.tasks.other_system_prompts``). 0: every row without one (the chat template's
-    default). Off by default: on the behaviour suite neither mode kept the other system
-    prompts' rates at the base's (docs/objectives.md)."""
+    default). Off by default for now; 0.5 with ``replace`` and the built-in pool kept the
+    suite's other system prompts at the base's rates on three seeds, at some cost in how
+    fast the behaviour itself is learnt (docs/objectives.md)."""
     other_system_prompts: str | None = None
     """A text file with one system prompt per line for ``other_system_prompt_share`` (None:
-    the built-in pool of role, domain and tone prompts)."""
-    other_system_prompt_mode: Literal["compose", "replace"] = "compose"
+    the built-in pool of role prompts and prompts with format, length and language rules)."""
+    other_system_prompt_mode: Literal["compose", "replace"] = "replace"
     """What the teacher sees on those rows: ``compose``, the context in front of the row's
-    system message (the behaviour holds under any system prompt); ``replace``, the row's
+    system message (the behaviour holds under any system prompt); ``replace`` (default), the row's
     system message alone (the context becomes the default system prompt, which a user's own
     replaces, as in context)."""
 

@@ -12,9 +12,13 @@ compose``); or the teacher sees S alone (``replace``), so the context becomes th
 default system prompt, which a user's own replaces, as it would in context. Evaluation is
 unchanged.
 
-The built-in pool (``data/other_system_prompts.txt``) holds role, domain and tone prompts and
-none of the behaviour suite's kinds of rule (languages, openings, closings, formats, word
-limits, casing, named personas), so the suite stays a fair out-of-distribution check.
+The built-in pool (``data/other_system_prompts.txt``) holds 30 role, domain and tone prompts
+and 30 prompts with format, length and language rules of the kinds real system prompts ask
+for (numbered lists, headings, YAML, XML, a fixed opening or sign-off, sentence counts,
+Italian, ...), none of them one of the behaviour suite's own prompts. With the role prompts
+alone, ``replace`` students learnt "a system prompt present -> plain prose" and followed
+the suite's bullet-point and JSON prompts less; with the rules added they follow them as
+the base does (docs/objectives.md, "replace with a pool that has rules").
 Where it sits: the trainer's prompt building (:meth:`opcd.training.trainer.Trainer.prompt_pairs`).
 """
 
@@ -62,7 +66,7 @@ class OtherSystemPrompts:
     pool: tuple[str, ...]
     share: float
     seed: int
-    mode: Literal["compose", "replace"] = "compose"
+    mode: Literal["compose", "replace"] = "replace"
 
     def apply(self, example: Example, step: int, position: int) -> tuple[Example, bool]:
         """``example``, with a system message from the pool on ``share`` of the draws, and
