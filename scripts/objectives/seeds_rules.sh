@@ -21,3 +21,4 @@ python scripts/objectives/run.py --minimal --keep-final seeds-rules32-s1 \
   task.behaviour=spanish_replies train.seed=1 train.steps=32 eval.every=16 \
   task.other_system_prompt_share=0.5 task.other_system_prompt_mode=replace
 rm -rf runs/objectives/seeds-rules32-s1/checkpoints
+opcd compare scripts/objectives/ood_rules32.yaml
