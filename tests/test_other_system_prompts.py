@@ -1,4 +1,4 @@
-"""Other system prompts on OPCD's training rows (task.other_system_prompt_share)."""
+"""Other system prompts on OPCD's training rows (task.other_system_prompt_share / _rows)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def test_draws_are_a_share_of_rows_and_repeat_for_the_same_step_and_position() -
     assert OtherSystemPrompts(pool, 0.0, 0).apply(ex, 0, 0) == (ex, True)
     own = Example(id="b", prompt="q", system="mine")
     assert OtherSystemPrompts(pool, 1.0, 0).apply(own, 0, 0) == (own, True)
+    # extra rows (positions from batch_size on) always get one, the batch's rows never at share 0
+    extra = OtherSystemPrompts(pool, 0.0, 0, batch_size=4)
+    assert all(extra.apply(ex, s, p)[0].system is None for s in range(10) for p in range(4))
+    assert all(extra.apply(ex, s, p)[0].system in pool for s in range(10) for p in range(4, 8))
+    assert extra.apply(ex, 0, 5)[1] is False  # replace: the teacher sees the other prompt alone
     # the teacher sees the context on a drawn row when composing, not when replacing
     assert OtherSystemPrompts(pool, 1.0, 0, "compose").apply(ex, 0, 0)[1] is True
     assert OtherSystemPrompts(pool, 1.0, 0, "replace").apply(ex, 0, 0)[1] is False
@@ -73,7 +78,10 @@ def test_the_pool_is_read_from_a_file_and_bad_files_are_named(tmp_path: Path) ->
     ("task", "extra", "match"),
     [({"other_system_prompt_share": 1.5}, {}, r"\[0, 1\]"),
      ({"other_system_prompt_share": 0.5}, {"method": "ovd"}, "OPCD's one-turn prompts only"),
-     ({"other_system_prompts": "pool.txt", "other_system_prompt_share": 0}, {}, "share is 0")],
+     ({"other_system_prompts": "pool.txt", "other_system_prompt_share": 0}, {}, "are 0"),
+     ({"other_system_prompt_rows": 99}, {}, "between 0 and train.batch_size"),
+     ({"other_system_prompt_rows": -1}, {}, "between 0 and train.batch_size"),
+     ({"other_system_prompt_rows": 2}, {"method": "offpolicy"}, "OPCD's one-turn prompts only")],
 )
 def test_bad_settings_are_refused(tiny_model_dir: Path, tmp_path: Path, task: dict, extra: dict,
                                   match: str) -> None:
@@ -109,3 +117,29 @@ def test_training_rows_carry_the_system_prompt_to_student_and_teacher(
     assert all(plain.tokenizer.decode(p.student_ids).count("<|im_start|>system") <= 1
                and "French" not in plain.tokenizer.decode(p.student_ids)
                for p in plain.prompt_pairs([0, 1, 2, 3]))
+
+
+def test_extra_rows_repeat_the_steps_first_prompts_with_another_system_prompt(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_text("You are a librarian.\n")
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path, task={
+        "other_system_prompt_rows": 2, "other_system_prompts": str(pool)}))
+    trainer = Trainer(cfg, progress=False)
+    seen = []
+    sample = trainer.parts.sampler.sample
+    trainer.parts.sampler.sample = lambda idx: seen.append((idx, sample(idx))) or seen[-1][1]
+    record = trainer.train_step()
+    (idx, rows), = seen
+    bs = cfg.train.batch_size
+    assert len(idx) == bs + 2 and idx[bs:] == idx[:2]
+    assert len(rows.pairs) == bs + 2 and len(rows.responses) == (bs + 2) * cfg.rollout.n
+    decode = trainer.tokenizer.decode
+    for pair in rows.pairs[:bs]:  # the behaviour's rows: no system prompt, the teacher has the context
+        assert "librarian" not in decode(pair.student_ids) and "French" in decode(pair.teacher_ids)
+    for plain, pair in zip(rows.pairs[:2], rows.pairs[bs:], strict=True):  # the same prompts, under S
+        assert "librarian" in decode(pair.student_ids) and pair.teacher_ids == pair.student_ids
+        assert decode(plain.student_ids).split("<|im_start|>user")[-1] == \
+            decode(pair.student_ids).split("<|im_start|>user")[-1]
+    assert record["step"] == 1 and record["loss"] == record["loss"]  # a finite step was taken

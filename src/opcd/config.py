@@ -76,8 +76,14 @@ class TaskConfig:
     default). Off by default for now; 0.5 with ``replace`` and the built-in pool kept the
     suite's other system prompts at the base's rates on three seeds, at some cost in how
     fast the behaviour itself is learnt (docs/objectives.md)."""
+    other_system_prompt_rows: int = 0
+    """OPCD: extra rows per step on top of ``train.batch_size``: the step's first N prompts
+    again, each with a system message drawn from ``other_system_prompts`` (the teacher sees
+    what ``other_system_prompt_mode`` says). Unlike ``other_system_prompt_share`` they take no
+    row from the behaviour itself, at the cost of N more rows to sample and train on."""
     other_system_prompts: str | None = None
-    """A text file with one system prompt per line for ``other_system_prompt_share`` (None:
+    """A text file with one system prompt per line for ``other_system_prompt_share`` and
+    ``other_system_prompt_rows`` (None:
     the built-in pool of role prompts and prompts with format, length and language rules)."""
     other_system_prompt_mode: Literal["compose", "replace"] = "replace"
     """What the teacher sees on those rows: ``compose``, the context in front of the row's
@@ -670,15 +676,24 @@ def _check_ranges(cfg: Config) -> None:
             f"Config value task.other_system_prompt_share={share} must be in [0, 1]: the share of "
             "training rows given a system prompt from task.other_system_prompts."
         )
-    if share > 0 and (cfg.method != "opcd" or cfg.task.name in ("frozenlake", "sokoban")):
+    extra = cfg.task.other_system_prompt_rows
+    if not 0 <= extra <= cfg.train.batch_size:
         raise ConfigError(
-            f"task.other_system_prompt_share={share} applies to OPCD's one-turn prompts only "
-            f"(method={cfg.method}, task.name={cfg.task.name}). Set it to 0."
+            f"Config value task.other_system_prompt_rows={extra} must be between 0 and "
+            f"train.batch_size={cfg.train.batch_size}: the step's first N prompts are repeated "
+            "with another system prompt."
         )
-    if cfg.task.other_system_prompts is not None and share == 0:
+    for key, value in (("share", share), ("rows", extra)):
+        if value > 0 and (cfg.method != "opcd" or cfg.task.name in ("frozenlake", "sokoban")):
+            raise ConfigError(
+                f"task.other_system_prompt_{key}={value} applies to OPCD's one-turn prompts only "
+                f"(method={cfg.method}, task.name={cfg.task.name}). Set it to 0."
+            )
+    if cfg.task.other_system_prompts is not None and share == 0 and extra == 0:
         raise ConfigError(
-            "task.other_system_prompts is set but task.other_system_prompt_share is 0, so no row "
-            "would use it. Set the share (e.g. 0.5) or remove task.other_system_prompts."
+            "task.other_system_prompts is set but task.other_system_prompt_share and "
+            "task.other_system_prompt_rows are 0, so no row would use it. Set one of them "
+            "(e.g. task.other_system_prompt_rows=4) or remove task.other_system_prompts."
         )
     if not 0 < cfg.task.eval_fraction < 1:
         raise ConfigError(

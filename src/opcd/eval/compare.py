@@ -424,7 +424,7 @@ class _Cache:
 
 
 # --------------------------------------------------------------------------- the table
-_TRAINING_ONLY = frozenset({"other_system_prompt_share", "other_system_prompts",
+_TRAINING_ONLY = frozenset({"other_system_prompt_share", "other_system_prompt_rows", "other_system_prompts",
                             "other_system_prompt_mode"})
 """Task settings that shape training rows only: not part of a cell's identity (an evaluation
 does not read them, and the cache keys of tables made before they existed stay valid)."""

@@ -9,8 +9,10 @@ message S drawn from a pool: the student sees S, the teacher the context followe
 one system message (:func:`opcd.tasks.chat.insert_context`), so the student learns the context's
 behaviour *together with* whatever else a system prompt asks (``task.other_system_prompt_mode:
 compose``); or the teacher sees S alone (``replace``), so the context becomes the model's
-default system prompt, which a user's own replaces, as it would in context. Evaluation is
-unchanged.
+default system prompt, which a user's own replaces, as it would in context. With
+``task.other_system_prompt_rows`` = N, such rows come on top of the batch instead: the
+step's first N prompts again, each with an S, so the behaviour keeps all of the batch's
+rows. Evaluation is unchanged.
 
 The built-in pool (``data/other_system_prompts.txt``) holds 30 role, domain and tone prompts
 and 30 prompts with format, length and language rules of the kinds real system prompts ask
@@ -67,6 +69,9 @@ class OtherSystemPrompts:
     share: float
     seed: int
     mode: Literal["compose", "replace"] = "replace"
+    batch_size: int | None = None
+    """The batch's rows (``train.batch_size``): rows at this position or later are the extra
+    rows of ``task.other_system_prompt_rows`` and always get a system message (None: none)."""
 
     def apply(self, example: Example, step: int, position: int) -> tuple[Example, bool]:
         """``example``, with a system message from the pool on ``share`` of the draws, and
@@ -75,9 +80,10 @@ class OtherSystemPrompts:
         The draw depends on (seed, step, position) only, so a resumed run draws the same
         rows. An example that has a system message of its own keeps it.
         """
-        if self.share <= 0 or example.system is not None:
+        extra = self.batch_size is not None and position >= self.batch_size
+        if example.system is not None or (self.share <= 0 and not extra):
             return example, True
         rng = random.Random(derive_seed("other-system-prompt", self.seed, step, position))
-        if rng.random() >= self.share:
+        if rng.random() >= self.share and not extra:
             return example, True
         return dataclasses.replace(example, system=rng.choice(self.pool)), self.mode == "compose"

@@ -276,15 +276,17 @@ class Trainer:
             check_vllm_usable(self.device)  # before any model is loaded
         self.task: Task = build_task(cfg.task)
         self.train_examples = self.task.examples("train")
-        share = cfg.task.other_system_prompt_share
+        share, extra = cfg.task.other_system_prompt_share, cfg.task.other_system_prompt_rows
         self.other_system_prompts = None
-        if share > 0:
+        if share > 0 or extra > 0:
             pool = tuple(load_pool(cfg.task.other_system_prompts))
             self.other_system_prompts = OtherSystemPrompts(
-                pool, share, cfg.train.seed, cfg.task.other_system_prompt_mode)
-            self.say(f"other system prompts: {share:.0%} of the training rows get one of "
-                      f"{len(pool)} ({cfg.task.other_system_prompts or 'the built-in pool'}), "
-                      f"(task.other_system_prompt_share, mode {cfg.task.other_system_prompt_mode})")
+                pool, share, cfg.train.seed, cfg.task.other_system_prompt_mode,
+                batch_size=cfg.train.batch_size)
+            self.say(f"other system prompts: {share:.0%} of the batch's rows and {extra} extra "
+                     f"rows a step get one of {len(pool)} "
+                     f"({cfg.task.other_system_prompts or 'the built-in pool'}; "
+                     f"task.other_system_prompt_share / _rows, mode {cfg.task.other_system_prompt_mode})")
         self.say(f"loading student {cfg.model} ...")
         student, self.tokenizer = load_model(cfg.model, device=self.device)
         if self.tokenizer.pad_token_id is None:
@@ -429,6 +431,7 @@ class Trainer:
         self._open_run_dir(Path(self.cfg.run.dir))
         t0 = time.perf_counter()
         idx = self.order.take(self.cfg.train.batch_size)
+        idx += idx[:self.cfg.task.other_system_prompt_rows]  # again, with another system prompt
         rows = sampler.sample(idx)
         t_rollout = time.perf_counter() - t0
         t_update_start = time.perf_counter()
