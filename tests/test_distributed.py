@@ -125,8 +125,9 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
     with pytest.raises(ConfigError, match="method=ovd runs data parallel but not .*FSDP.*--multi_gpu"):
         check_distributed(ovd, sharded)
     offpolicy = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=offpolicy"])
-    with pytest.raises(ConfigError, match="method=offpolicy runs on one process"):
-        check_distributed(offpolicy, Dist(1, 2))
+    check_distributed(offpolicy, Dist(1, 2))  # data parallel: fine
+    with pytest.raises(ConfigError, match="method=offpolicy runs data parallel but not .*FSDP"):
+        check_distributed(offpolicy, sharded)
     check_distributed(cfg, sharded)
     for override in ("lora.enabled=true", "teacher.mode=live", "rollout.dtype=bfloat16"):
         check_distributed(config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override]), sharded)
@@ -299,6 +300,44 @@ def test_ovd_on_two_processes_equals_one(tiny_model_dir: Path, tmp_path: Path) -
     for key in ("loss", "grad_norm", "verbal_score", "reward", "digit_mass",
                 "student_response_len", "zero_adv_groups", "response_len"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    _assert_close(weights(two_dir / "final"), weights(one.final_model), weights(tiny_model_dir))
+
+
+def test_offpolicy_on_two_processes_equals_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The off-policy baseline data parallel: each process generates its share of a step's
+    missing teacher responses (each response seeded by its example, not by who generates
+    it), the main process writes the whole group, every process trains on its share of the
+    prompts. Two processes write the one-process run's responses file and take its steps,
+    including a step that reuses stored responses (batch 4 of 9 training prompts: step 3
+    starts the second epoch)."""
+
+    def cfg(name: str) -> dict[str, Any]:
+        c = tiny_config(tiny_model_dir, tmp_path / name, loss={"top_k": 4},
+                        train={"steps": 3, "batch_size": 4, "micro_batch_size": 2})
+        c["eval"].update(size=2, every=0)
+        return {**c, "method": "offpolicy"}
+
+    one = train(cfg("one"), progress=False)
+    two = cfg("two")
+    _launch(two, tmp_path / "two")
+    two_dir = Path(two["run"]["dir"])
+    stored = [(two_dir if i else one.run_dir) / "teacher_responses.jsonl" for i in (0, 1)]
+    # the same records (after the header, which names each run's prompts file); the teacher's
+    # log-probs to rounding: it scored them in other batches
+    a, b = ([json.loads(line) for line in f.read_text().splitlines()[1:]] for f in stored)
+    assert [(r["example"], r["sample"], r["group"], r["ids"], r["topk_ids"]) for r in a] == \
+        [(r["example"], r["sample"], r["group"], r["ids"], r["topk_ids"]) for r in b]
+    assert torch.allclose(torch.tensor([x for r in a for row in r["topk_logprobs"] for x in row]),
+                          torch.tensor([x for r in b for row in r["topk_logprobs"] for x in row]),
+                          atol=1e-5)
+    recs = [json.loads(r) for r in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["type"] == "train"]
+    assert [r["processes"] for r in steps] == [2, 2, 2]
+    for a, b in zip(one.history, steps, strict=True):
+        assert (b["generated"], b["reused"]) == (a["generated"], a["reused"])
+        for key in ("loss", "grad_norm", "forward_kl", "nll", "response_len"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert any(r["reused"] for r in steps)
     _assert_close(weights(two_dir / "final"), weights(one.final_model), weights(tiny_model_dir))
 
 

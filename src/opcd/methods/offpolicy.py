@@ -19,11 +19,16 @@ the update, logging, evaluation, checkpoints and exact resume are OPCD's.
 
 Teacher responses are generated when a prompt is first drawn and appended to
 ``teacher_responses.jsonl`` in the run folder: per response its token ids and, per position,
-the teacher's top-k token ids and log-probs. Each step's new responses are one group,
-sampled in a forked RNG seeded from (``train.seed``, step) and written as one fsynced
-write; later epochs and resumed runs read them back (a group torn by a crash is dropped and
-regenerated identically), so a resumed run equals an uninterrupted one and the training
-RNG never depends on what was cached.
+the teacher's top-k token ids and log-probs. Response j of an example is sampled with its
+own generator seeded from (``train.seed``, the example's id, j), whichever step first draws
+it and whichever process generates it. Each step's new responses are one group, written as
+one fsynced write by the main process; later epochs and resumed runs read them back (a
+group torn by a crash is dropped and regenerated identically), so a resumed run equals an
+uninterrupted one and the training RNG never depends on what was cached.
+
+Data parallel (accelerate / torchrun): each process trains on its share of the step's
+prompts (``Dist.shard``) and generates its share of the step's missing responses; the new
+records are gathered so that every process holds the whole store.
 """
 
 from __future__ import annotations
@@ -121,8 +126,11 @@ class ResponseStore:
         if len(keep) != len(found) + 1:
             self.file.rewrite(keep)  # torn groups go: they are regenerated, identically
 
-    def add_group(self, recs: list[dict[str, Any]]) -> None:
-        self.file.append(recs)
+    def add_group(self, recs: list[dict[str, Any]], write: bool = True) -> None:
+        """Hold ``recs``; append them to the file as one write when ``write`` (the main
+        process: the others hold the same records)."""
+        if write:
+            self.file.append(recs)
         for rec in recs:
             self.responses[(rec["example"], int(rec["sample"]))] = rec
 
@@ -146,51 +154,68 @@ class StoredResponses:
             "context_sha256": hashlib.sha256(
                 "\x1f".join(str(h.task.context(ex)) for ex in h.train_examples).encode()
             ).hexdigest(),
+            "sampling": "per-example seeds",  # files of the per-step seeding are refused
         }))
         self.store = ResponseStore(Path(run_dir) / RESPONSES_FILE, settings)
         self.store.load()
         return self.store
 
     def sample(self, idx: list[int]) -> Rows:
-        recs, generated = self.responses(idx)
-        n = self.host.cfg.rollout.n
+        h = self.host
+        mine = h.dist.shard(len(idx))  # this process's positions in the global batch
+        recs, generated = self.responses(idx, mine)
+        n = h.cfg.rollout.n
         roll = Rollout(prompt_index=[j // n for j in range(len(recs))],
                        response_ids=[r["ids"] for r in recs], texts=[r["text"] for r in recs],
                        truncated=[bool(r["truncated"]) for r in recs])
-        return Rows(self.host.prompt_pairs(idx), roll,
-                    {"generated": generated, "reused": len(recs) - generated}, stored=recs)
+        figures = h.dist.global_figures({}, counts={"generated": generated, "reused": len(recs)})
+        figures["reused"] -= figures["generated"]
+        return Rows(h.prompt_pairs([idx[i] for i in mine], list(mine)), roll, figures, stored=recs)
 
-    def responses(self, idx: list[int]) -> tuple[list[dict[str, Any]], int]:
-        """The teacher's responses for ``idx`` (prompt-major, ``rollout.n`` each), generating
-        the missing ones as this step's group; (records, how many generated)."""
+    def responses(self, idx: list[int], mine: list[int] | None = None
+                  ) -> tuple[list[dict[str, Any]], int]:
+        """The teacher's responses at positions ``mine`` of ``idx`` (default all;
+        prompt-major, ``rollout.n`` each), after generating the step's missing ones as its
+        group (each process its share); (records, how many of the group this process generated)."""
         h = self.host
         assert self.store is not None, "open the run folder first"
         n = h.cfg.rollout.n
+        mine = list(range(len(idx))) if mine is None else mine
         ids = [h.train_examples[i].id for i in idx]
-        missing: list[int] = []
-        for j, ex_id in enumerate(ids):
-            if any((ex_id, s) not in self.store.responses for s in range(n)) and \
-                    ex_id not in {ids[m] for m in missing}:
-                missing.append(j)
+        missing: list[int] = []  # the same on every process: they hold the same store
+        for i, ex_id in zip(idx, ids, strict=True):
+            if any((ex_id, s) not in self.store.responses for s in range(n)) and i not in missing:
+                missing.append(i)
+        generated = 0
         if missing:
-            self.store.add_group(self._generate([idx[j] for j in missing], group=h.step + 1))
-        out = [self.store.responses[(ex_id, s)] for ex_id in ids for s in range(n)]
-        return out, len(missing) * n
+            share = missing[h.dist.rank::h.dist.world]
+            own = self._generate(share, group=h.step + 1) if share else []
+            generated = len(own)
+            order = {h.train_examples[i].id: pos for pos, i in enumerate(missing)}
+            group = sorted((r for part in h.dist.gather(own) for r in part),
+                           key=lambda r: (order[r["example"]], r["sample"]))
+            for rec in group:
+                rec["group_size"] = len(group)
+            self.store.add_group(group, write=h.dist.is_main)
+        out = [self.store.responses[(ids[j], s)] for j in mine for s in range(n)]
+        return out, generated
 
     @torch.no_grad()
     def _generate(self, idx: list[int], group: int) -> list[dict[str, Any]]:
+        """The teacher's ``rollout.n`` responses to each of ``idx``, with the context, and
+        their top-k log-probs (``group_size`` is set by the caller, once the whole group is known)."""
         h = self.host
         cfg = h.cfg
         T, k = cfg.rollout.temperature, cfg.loss.top_k
         pairs = h.prompt_pairs(idx)
-        with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
-            torch.manual_seed(derive_seed("offpolicy", cfg.train.seed, group))
-            with h.teacher._scorer() as model:
-                roll = rollout.sample(
-                    model, h.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
-                    temperature=T, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                    batch_size=cfg.rollout.batch_size,
-                )
+        seeds = [derive_seed("offpolicy", cfg.train.seed, h.train_examples[i].id) for i in idx]
+        with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None), \
+                h.teacher._scorer() as model:
+            roll = rollout.sample(
+                model, h.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
+                temperature=T, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                batch_size=cfg.rollout.batch_size, seeds=seeds,
+            )
         recs: list[dict[str, Any]] = []
         bs = cfg.perf.teacher_batch_size
         for start in range(0, len(roll.response_ids), bs):
@@ -209,8 +234,6 @@ class StoredResponses:
                     "topk_ids": top.indices[b, :L].tolist(),
                     "topk_logprobs": top.values[b, :L].float().cpu().tolist(),
                 })
-        for rec in recs:
-            rec["group_size"] = len(recs)
         # what training reads is exactly what a later run reads back from the file
         return [json.loads(json.dumps(rec)) for rec in recs]
 
