@@ -80,7 +80,10 @@ class TaskConfig:
     """OPCD: extra rows per step on top of ``train.batch_size``: the step's first N prompts
     again, each with a system message drawn from ``other_system_prompts`` (the teacher sees
     what ``other_system_prompt_mode`` says). Unlike ``other_system_prompt_share`` they take no
-    row from the behaviour itself, at the cost of N more rows to sample and train on."""
+    row from the behaviour itself, at the cost of N more rows to sample and train on. Not
+    recommended: with N=4 of 8 the Spanish student learnt the behaviour on 3 seeds of 3 but
+    dropped the other system prompts' rules (-0.42 to -0.45 on the suite's greeting,
+    bullet-point and JSON prompts), where share 0.5 kept them (docs/objectives.md)."""
     other_system_prompts: str | None = None
     """A text file with one system prompt per line for ``other_system_prompt_share`` and
     ``other_system_prompt_rows`` (None:
