@@ -86,8 +86,8 @@ class TaskConfig:
     bullet-point and JSON prompts), where share 0.5 kept them (docs/objectives.md)."""
     other_system_prompts: str | None = None
     """A text file with one system prompt per line for ``other_system_prompt_share`` and
-    ``other_system_prompt_rows`` (None:
-    the built-in pool of role prompts and prompts with format, length and language rules)."""
+    ``other_system_prompt_rows`` (None: the built-in pool of role prompts and prompts with
+    format, length and language rules)."""
     other_system_prompt_mode: Literal["compose", "replace"] = "replace"
     """What the teacher sees on those rows: ``compose``, the context in front of the row's
     system message (the behaviour holds under any system prompt); ``replace`` (default), the row's

@@ -21,7 +21,9 @@ Teacher responses are generated when a prompt is first drawn and appended to
 ``teacher_responses.jsonl`` in the run folder: per response its token ids and, per position,
 the teacher's top-k token ids and log-probs. Response j of an example is sampled with its
 own generator seeded from (``train.seed``, the example's id, j), whichever step first draws
-it and whichever process generates it. Each step's new responses are one group, written as
+it and whichever process generates it (with opcd's decode loop; a teacher that needs HF
+``generate`` seeds per batch, so there the batch layout matters, see
+:func:`opcd.sampling.rollout.sample`). Each step's new responses are one group, written as
 one fsynced write by the main process; later epochs and resumed runs read them back (a
 group torn by a crash is dropped and regenerated identically), so a resumed run equals an
 uninterrupted one and the training RNG never depends on what was cached.
