@@ -20,11 +20,9 @@ from test_trainer import tiny_config, weights
 
 from opcd.config import config_from_dict
 from opcd.errors import ConfigError, ModelError
-from opcd.methods import onpolicy, ovd, ovd_method
+from opcd.methods import onpolicy, ovd_method
 from opcd.methods.ovd import (
-    Generation,
     Trajectory,
-    VerbalTeacher,
     clipped_policy_loss,
     expected_from_digit_logprobs,
     expected_score,
@@ -41,6 +39,7 @@ from opcd.methods.ovd import (
     turn_score_requests,
 )
 from opcd.methods.ovd_method import VerbalScorer
+from opcd.teachers.verbal import Generation, VerbalTeacher, digit_token_ids
 from opcd.training.loop import build_trainer, train
 from opcd.training.trainer import Trainer
 
@@ -127,14 +126,14 @@ def test_expected_score_on_hand_made_logits() -> None:
 
 def test_digit_token_ids(tiny) -> None:
     _, tok = tiny
-    ids = ovd.digit_token_ids(tok)
+    ids = digit_token_ids(tok)
     assert [tok.decode([i]) for i in ids] == [str(d) for d in range(10)]
 
     def split_digits(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": [1, 2] if text == "7" else [int(text)]}
 
     with pytest.raises(ModelError, match="score_mode=generate"):
-        ovd.digit_token_ids(split_digits)
+        digit_token_ids(split_digits)
 
 
 def test_fill_score_prompt_keeps_braces_and_picks_the_template() -> None:

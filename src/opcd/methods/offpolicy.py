@@ -212,7 +212,7 @@ class StoredResponses:
         pairs = h.prompt_pairs(idx)
         seeds = [derive_seed("offpolicy", cfg.train.seed, h.train_examples[i].id) for i in idx]
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None), \
-                h.teacher._scorer() as model:
+                h.teacher.weights.scorer() as model:
             roll = rollout.sample(
                 model, h.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
                 temperature=T, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,

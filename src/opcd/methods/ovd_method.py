@@ -35,12 +35,9 @@ from opcd.config import Config
 from opcd.errors import ConfigError
 from opcd.methods.onpolicy import StudentSampler
 from opcd.methods.ovd import (
-    ModelVerbalTeacher,
     Ratings,
     Trajectory,
-    VerbalTeacher,
     clipped_policy_loss,
-    digit_token_ids,
     fill_group_mean,
     fill_score_prompt,
     group_advantages,
@@ -58,6 +55,7 @@ from opcd.sampling.rollout import eos_ids
 from opcd.tasks.base import Example, Task
 from opcd.tasks.chat import student_messages, teacher_messages
 from opcd.teachers.scoring import pack, response_hidden
+from opcd.teachers.verbal import ModelVerbalTeacher, VerbalTeacher, digit_token_ids
 from opcd.training.method import Host, Method, Rows, Targets, Totals
 
 OUTCOME_TASKS = frozenset({"math", "gsm8k", "frozenlake", "sokoban", "safety"})

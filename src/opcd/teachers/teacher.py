@@ -1,6 +1,7 @@
 """The teacher: scores the student's exact response tokens with the context in its prompt.
 
-Modes (``teacher.mode``):
+Modes (``teacher.mode``, resolved by :class:`TeacherWeights`, which the verbal teacher of
+:mod:`opcd.teachers.verbal` shares):
 - ``frozen`` (default): the student's initial weights, frozen. Under LoRA this is the
   student itself with the adapter switched off (no second copy of the weights);
   otherwise a frozen copy made before training.
@@ -41,25 +42,6 @@ from opcd.teachers.scoring import (
 )
 
 
-@contextlib.contextmanager
-def scoring_model(student: nn.Module, model: nn.Module | None, adapter_off: bool) -> Iterator[nn.Module]:
-    """The module a teacher scores with: its own ``model`` when it has one, else the student
-    in eval mode (with its LoRA adapter switched off when ``adapter_off``: the frozen base)."""
-    if model is not None:
-        yield model
-        return
-    was_training = student.training
-    student.eval()
-    try:
-        if adapter_off:
-            with student.disable_adapter():  # type: ignore[operator]
-                yield student
-        else:
-            yield student
-    finally:
-        student.train(was_training)
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -67,60 +49,88 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class TeacherWeights:
+    """The weights a ``teacher.mode`` reads, for every kind of teacher (the log-prob
+    :class:`Teacher` here, the verbal teacher of :mod:`opcd.teachers.verbal`).
+
+    ``model``: ``other`` frozen; ``frozen``: under LoRA the student with its adapter off (no
+    second copy), else a frozen deep copy of the student made now; ``live``: the student.
+    """
+
+    def __init__(self, mode: str, student: nn.Module, other: nn.Module | None = None) -> None:
+        self.mode = mode
+        self.student = student
+        self.adapter_off = False
+        self.model: nn.Module | None = None
+        """The teacher's own weights (a frozen copy or another model); None: the student's."""
+        if mode == "model":
+            if other is None:
+                raise ValueError("teacher mode 'model' needs a teacher model")
+            self.model = _freeze(other)
+        elif mode == "frozen":
+            if hasattr(student, "disable_adapter") and hasattr(student, "peft_config"):
+                self.adapter_off = True
+            else:
+                self.model = _freeze(copy.deepcopy(student))
+        elif mode != "live":
+            raise ValueError(f"unknown teacher mode {mode!r}; use frozen, model or live")
+
+    @contextlib.contextmanager
+    def scorer(self) -> Iterator[nn.Module]:
+        """The module to score with: the teacher's own model when it has one, else the
+        student in eval mode (with its LoRA adapter off for ``frozen``: the base weights)."""
+        if self.model is not None:
+            yield self.model
+            return
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            if self.adapter_off:
+                with self.student.disable_adapter():  # type: ignore[operator]
+                    yield self.student
+            else:
+                yield self.student
+        finally:
+            self.student.train(was_training)
+
+    def whole(self) -> contextlib.AbstractContextManager[None]:
+        """The weights whole for a forward: a no-op unless they are sharded (FSDP: the frozen
+        copy's or other model's layers, or a live teacher's student), where every process
+        must enter."""
+        from opcd.runtime.sharding import gathered, has_shards
+
+        module = self.model if self.model is not None else self.student
+        return gathered(module) if has_shards(module) else contextlib.nullcontext()
+
+
 class Teacher:
     """Context-conditioned scorer for the student's responses."""
 
     def __init__(self, mode: str, student: nn.Module, model: nn.Module | None = None) -> None:
         self.mode = mode
-        self._student = student
-        self._uses_adapter_off = False
+        self.weights = TeacherWeights(mode, student, model)
         self.store: PrefixStore | None = None
-        if mode == "model":
-            if model is None:
-                raise ValueError("teacher mode 'model' needs a teacher model")
-            self._model: nn.Module | None = _freeze(model)
-        elif mode == "frozen":
-            if hasattr(student, "disable_adapter") and hasattr(student, "peft_config"):
-                self._model = None
-                self._uses_adapter_off = True
-            else:
-                self._model = _freeze(copy.deepcopy(student))
-        elif mode == "live":
-            self._model = None
-        else:
-            raise ValueError(f"unknown teacher mode {mode!r}; use frozen, model or live")
-
-    def _scorer(self) -> contextlib.AbstractContextManager[nn.Module]:
-        return scoring_model(self._student, self._model, self._uses_adapter_off)
-
-    def _whole(self) -> contextlib.AbstractContextManager[None]:
-        """The teacher's weights whole for a forward: a no-op unless they are sharded (FSDP:
-        the frozen copy's or other model's layers, or a live teacher's student), where every
-        process must enter."""
-        from opcd.runtime.sharding import gathered, has_shards
-
-        model = self._model if self._model is not None else self._student
-        return gathered(model) if has_shards(model) else contextlib.nullcontext()
 
     @torch.no_grad()
     def response_logits(self, batch: PackedBatch) -> Tensor:
-        with self._whole(), self._scorer() as model:
+        with self.weights.whole(), self.weights.scorer() as model:
             return response_logits(model, batch)
 
     def _fingerprint(self) -> tuple[Any, ...]:
         """Changes whenever a weight the teacher reads is modified or replaced.
 
-        Read outside :meth:`_whole`: a sharded weight counts by its shard (its storage, and
+        Read outside :meth:`TeacherWeights.whole`: a sharded weight counts by its shard (its storage, and
         the version of the sharded parameter, which the optimiser's in-place update bumps);
         gathered copies are new tensors at every gather.
         """
         from torch.distributed.tensor import DTensor
 
-        model = self._model if self._model is not None else self._student
+        w = self.weights
+        model = w.model if w.model is not None else w.student
         return tuple(
             ((p.to_local() if isinstance(p, DTensor) else p).data_ptr(), p._version)
             for name, p in model.named_parameters()
-            if not (self._uses_adapter_off and "lora_" in name)
+            if not (w.adapter_off and "lora_" in name)
         )
 
     @torch.no_grad()
@@ -143,7 +153,7 @@ class Teacher:
         kept across calls while the weights stay the same; without, every row runs in full.
         """
         fingerprint = self._fingerprint() if prefix_cache else ()
-        with self._whole(), self._scorer() as model:
+        with self.weights.whole(), self.weights.scorer() as model:
             if not prefix_cache:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
             if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
@@ -157,11 +167,11 @@ class Teacher:
     def head(self) -> tuple[Tensor | Callable[[Tensor], Tensor], Tensor | None]:
         """The teacher's output head: ``(weight, bias)``, or ``(callable, None)`` when the head
         is not a plain linear layer (e.g. LoRA on the head of a live teacher)."""
-        with self._scorer() as model:
+        with self.weights.scorer() as model:
             module = model.get_output_embeddings()
             if module is None:
                 raise TypeError(f"{type(model).__name__} has no output head")
-            if self._uses_adapter_off and hasattr(module, "base_layer"):
+            if self.weights.adapter_off and hasattr(module, "base_layer"):
                 module = module.base_layer  # adapter off: the base head alone
             plain = linear_head(module)
         if plain is not None:
@@ -171,10 +181,10 @@ class Teacher:
     @torch.no_grad()
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """The teacher's logits (fp32) from hidden states of :meth:`response_hidden`."""
-        with self._whole(), self._scorer() as model:
+        with self.weights.whole(), self.weights.scorer() as model:
             return model.get_output_embeddings()(hidden).float()
 
     @property
     def separate_model(self) -> nn.Module | None:
         """The teacher's own weights when it has them (frozen copy or other model)."""
-        return self._model
+        return self.weights.model
