@@ -2,9 +2,11 @@
 # Issue 22: time the recipes whose headers said "not yet timed on this machine", each exactly
 # as its header's command runs it, one after the other on the otherwise idle 2-core CPU.
 # For each: the wall time and peak RSS (GNU time) and the run's log in runs/recipes/NAME.log;
-# the run's saved config.yaml and metrics.jsonl copied to docs/results/recipes/ (the config
-# measured: tests/test_recipes.py checks the recipe still equals it). A recipe whose run
-# finished (NAME.done) is skipped; delete runs/recipes/NAME* to time it again.
+# the run's saved config.yaml and metrics.jsonl, and that time line, copied to
+# docs/results/recipes/ (the config measured: tests/test_recipes.py checks the recipe still
+# equals it). `python scripts/recipes/table.py` prints the table of docs/results/recipes.md.
+# A recipe whose run finished (NAME.done) is skipped; delete runs/recipes/NAME* to time it
+# again.
 #   bash scripts/recipes/time.sh [NAME ...]     (default: the five untimed recipes)
 set -u
 cd "$(dirname "$0")/../.."
@@ -28,6 +30,7 @@ for n in "${names[@]}"; do
   rc=$?
   end=$(date +%s)
   echo "exit $rc, wall $((end - start)) s, $(tail -1 "runs/recipes/$n.log")" | tee -a "runs/recipes/$n.log"
+  tail -1 "runs/recipes/$n.log" > "docs/results/recipes/$n.time"
   cp "runs/recipes/$n/config.yaml" "docs/results/recipes/$n.config.yaml"
   cp "runs/recipes/$n/metrics.jsonl" "docs/results/recipes/$n.metrics.jsonl"
   [ $rc -eq 0 ] && echo "$((end - start))" > "runs/recipes/$n.done"
