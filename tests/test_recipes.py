@@ -309,6 +309,12 @@ MEASURED_WITH: dict[str, tuple[str, list[str], set[str]]] = {
     "frozenlake_experience.yaml": ("scripts/study/frozenlake.yaml", [], set()),
     "lora.yaml": ("src/opcd/configs/demo.yaml", [], set()),
 }
+# Recipes timed as they are by scripts/recipes/time.sh, which keeps each run's saved config
+# as docs/results/recipes/NAME.config.yaml beside its figures (docs/results/recipes.md).
+MEASURED_WITH.update({
+    f"{p.name.removesuffix('.config.yaml')}.yaml": (_rel(p), [], set())
+    for p in sorted((ROOT / "docs" / "results" / "recipes").glob("*.config.yaml"))
+})
 SYSTEM_PROMPT_TASKS = ("french", "system_prompt", "suite")
 
 
