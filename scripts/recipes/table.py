@@ -44,6 +44,10 @@ def row(name: str) -> str:
     if not m:
         raise SystemExit(f"{name}.time: no 'peak RSS ... s' line (the run failed?): {time_line!r}")
     rss_gib, wall = int(m.group(1)) / 2**20, float(m.group(2))
+    failed = re.match(r"exit ([1-9]\d*)", time_line)
+    if failed:
+        return (f"| `{name}.yaml` | failed (exit {failed.group(1)}) after {int(wall) // 60} min "
+                f"{int(wall) % 60:02d} s | {rss_gib:.1f} GiB | | | | | |")
     recs = [json.loads(line) for line in (DIR / f"{name}.metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if r["type"] == "eval"]
     ctx = next((r for r in evals if r["with_context"]), None)
