@@ -21,4 +21,4 @@ for s in "${seeds[@]}"; do
         --quiet "${flag[@]}"
   done
 done
-opcd compare scripts/study/compare_knowledge.yaml
+opcd compare scripts/study/compare_knowledge.yaml   # lists the seeds trained so far
