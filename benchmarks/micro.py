@@ -17,9 +17,17 @@ Each prints wall, user and kernel (system) CPU seconds and the memory it added:
   bandwidth of a plain sum over the weights' bytes (the bound a decode step is held to) and
   the rate at which the plain and packed products read the weights.
 
+- ``context``: sampling 8 answers of 24 tokens from the packaged Qwen2.5-Coder-0.5B with the
+  knowledge task's ~1,180-token handbook in the system message (the off-policy teacher's and
+  in-context evaluation's prompts), then the teacher's hidden states of those answers: the
+  shared context read in every row, read once per batch, and read from a prefix store
+  (:func:`opcd.sampling.rollout.sample`'s ``share_prefix`` and ``prefix_store``); the samples
+  must be the same text.
+
     python benchmarks/micro.py adamw
     python benchmarks/micro.py loss --hold 8
     python benchmarks/micro.py decode
+    python benchmarks/micro.py context
 """
 
 from __future__ import annotations
@@ -186,9 +194,45 @@ def decode(rows: int = 8) -> None:
         print(f"{rows}-row products, packed {kernel}: {packed:.1f} GB/s")
 
 
+def context() -> None:
+    from opcd.config import TaskConfig
+    from opcd.models.load import load_model
+    from opcd.sampling import rollout
+    from opcd.tasks import build_task
+    from opcd.tasks.chat import encode_chat, teacher_messages
+    from opcd.teachers.scoring import PrefixStore, cached_response_hidden, uncached_response_hidden
+
+    task = build_task(TaskConfig(name="knowledge"))
+    model, tok = load_model("qwen2.5-coder-0.5b-instruct", device="cpu", dtype=torch.float32)
+    model.eval()
+    prompts = [encode_chat(tok, teacher_messages(task, ex)) for ex in task.examples("train")[:8]]
+    print(f"8 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+          f"{rollout.shared_prefix_len(prompts)} shared")
+    store = PrefixStore()
+    texts = []
+    for label, shared in (("in every row", False), ("once per batch", True), ("from the store", True)):
+        kw = {"share_prefix": False} if not shared else {"prefix_store": store}
+        out: list[rollout.Rollout] = []
+        _measure(f"sample, context {label}", lambda kw=kw, out=out: out.append(rollout.sample(
+            model, tok, prompts, temperature=1.0, max_new_tokens=24, batch_size=8,
+            seeds=list(range(8)), **kw)))
+        answers = out[0].response_ids
+
+        def score(shared: bool = shared, answers: list[list[int]] = answers) -> None:
+            with torch.no_grad():
+                if shared:
+                    cached_response_hidden(model, prompts, answers, tok.pad_token_id, store=store)
+                else:
+                    uncached_response_hidden(model, prompts, answers, tok.pad_token_id)
+
+        _measure(f"score, context {label}", score)
+        texts.append(out[0].texts)
+    print("same samples:", all(t == texts[0] for t in texts))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("which", choices=["adamw", "loss", "decode"])
+    p.add_argument("which", choices=["adamw", "loss", "decode", "context"])
     p.add_argument("--hold", type=int, default=0, help="loss: GiB to hold allocated first")
     p.add_argument("--rows", type=int, default=8, help="decode: rows decoded together")
     p.add_argument("--kind", default=None,
@@ -196,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: each in its own process)")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
-    {"adamw": lambda: adamw(args.kind), "loss": lambda: loss(args.hold, args.kind), "decode": lambda: decode(args.rows)}[args.which]()
+    {"adamw": lambda: adamw(args.kind), "loss": lambda: loss(args.hold, args.kind), "decode": lambda: decode(args.rows),
+     "context": context}[args.which]()
     return 0
 
 

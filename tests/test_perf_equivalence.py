@@ -488,3 +488,31 @@ def test_decode_threads_are_restored_and_results_equal(tiny, monkeypatch) -> Non
     assert one.response_ids == same.response_ids
     monkeypatch.setenv("OPCD_DECODE_THREADS", "x")
     assert rollout.decode_threads() == 0
+
+
+def test_shared_prefix_is_read_once_and_samples_stay_the_same(tiny) -> None:
+    """A context every prompt starts with is read once per batch (from a store across calls);
+    greedy and seeded samples equal the path that reads it in every row."""
+    from opcd.sampling import rollout
+    from opcd.teachers.scoring import PrefixStore
+
+    model, tok = tiny
+    model = model.double()  # the two paths differ only by float rounding: make it negligible
+    g = torch.Generator().manual_seed(3)
+    context = _rand(g, 70)
+    prompts = [context + _rand(g, n) for n in (4, 9, 1, 6)]
+    assert rollout.shared_prefix_len(prompts) == 70
+    assert rollout.shared_prefix_len([context[:20] + [5], context[:20] + [6]]) == 0  # too short
+    assert rollout.shared_prefix_len([context, context]) == 69  # one token of its own left
+    free = rollout.sample(model, tok, prompts, temperature=0, max_new_tokens=10, share_prefix=False)
+    model.generation_config.eos_token_id = [free.response_ids[1][3]]  # a row stops early
+    store = PrefixStore(block=16)
+    early = []
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seeds=[1, 2, 3, 4], n=2)):
+        want = rollout.sample(model, tok, prompts, max_new_tokens=10, share_prefix=False, **kw)
+        for _ in range(2):  # the second call finds the context's first 64 tokens in the store
+            got = rollout.sample(model, tok, prompts, max_new_tokens=10, prefix_store=store, **kw)
+            assert got.response_ids == want.response_ids and got.truncated == want.truncated
+        early.append(not all(want.truncated))
+    assert store.hits == 3 and store.misses == 1 and len(store) == 1
+    assert early[0]

@@ -211,31 +211,33 @@ class StoredResponses:
         T, k = cfg.rollout.temperature, cfg.loss.top_k
         pairs = h.prompt_pairs(idx)
         seeds = [derive_seed("offpolicy", cfg.train.seed, h.train_examples[i].id) for i in idx]
+        perf = cfg.perf
+        store = h.teacher.prefix_store(perf.prefix_block_tokens, perf.prefix_cache_tokens) \
+            if perf.prefix_cache else None
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None), \
                 h.teacher.weights.scorer() as model:
             roll = rollout.sample(
                 model, h.tokenizer, [p.teacher_ids for p in pairs], n=cfg.rollout.n,
                 temperature=T, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                batch_size=cfg.rollout.batch_size, seeds=seeds,
+                batch_size=cfg.rollout.batch_size, seeds=seeds, share_prefix=perf.prefix_cache,
+                prefix_store=store,
             )
+        # the teacher's log-probs of its own samples, the shared context read once (perf.prefix_cache)
+        hidden = h.teacher.response_hidden(
+            [pairs[i].teacher_ids for i in roll.prompt_index], roll.response_ids, h.pad_id,
+            prefix_cache=perf.prefix_cache, batch_size=perf.teacher_batch_size,
+            block=perf.prefix_block_tokens, cache_tokens=perf.prefix_cache_tokens)
         recs: list[dict[str, Any]] = []
-        bs = cfg.perf.teacher_batch_size
-        for start in range(0, len(roll.response_ids), bs):
-            rows = range(start, min(start + bs, len(roll.response_ids)))
-            resp = [roll.response_ids[r] for r in rows]
-            tb = pack([pairs[roll.prompt_index[r]].teacher_ids for r in rows], resp, h.pad_id,
-                      device=h.device)
-            logp = losses.temperature_log_softmax(h.teacher.response_logits(tb), T)
+        for r, hid in enumerate(hidden):
+            logp = losses.temperature_log_softmax(h.teacher.logits_from_hidden(hid), T)
             top = logp.topk(min(k, logp.shape[-1]), dim=-1)
-            for b, r in enumerate(rows):
-                L = len(resp[b])
-                recs.append({
-                    "example": h.train_examples[idx[roll.prompt_index[r]]].id,
-                    "sample": r % cfg.rollout.n, "group": group, "group_size": 0,
-                    "ids": resp[b], "truncated": roll.truncated[r], "text": roll.texts[r],
-                    "topk_ids": top.indices[b, :L].tolist(),
-                    "topk_logprobs": top.values[b, :L].float().cpu().tolist(),
-                })
+            recs.append({
+                "example": h.train_examples[idx[roll.prompt_index[r]]].id,
+                "sample": r % cfg.rollout.n, "group": group, "group_size": 0,
+                "ids": roll.response_ids[r], "truncated": roll.truncated[r], "text": roll.texts[r],
+                "topk_ids": top.indices.tolist(),
+                "topk_logprobs": top.values.float().cpu().tolist(),
+            })
         # what training reads is exactly what a later run reads back from the file
         return [json.loads(json.dumps(rec)) for rec in recs]
 

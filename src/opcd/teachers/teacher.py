@@ -152,17 +152,23 @@ class Teacher:
         group of rows sharing a prompt prefix runs it once, and block-aligned prefixes are
         kept across calls while the weights stay the same; without, every row runs in full.
         """
-        fingerprint = self._fingerprint() if prefix_cache else ()
+        store = self.prefix_store(block, cache_tokens) if prefix_cache else None
         with self.weights.whole(), self.weights.scorer() as model:
-            if not prefix_cache:
+            if store is None:
                 return uncached_response_hidden(model, prompts, responses, pad_id, batch_size=batch_size)
-            if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
-                self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-            self.store.check(fingerprint)
             return cached_response_hidden(
-                model, prompts, responses, pad_id, store=self.store, batch_size=batch_size,
+                model, prompts, responses, pad_id, store=store, batch_size=batch_size,
                 block=block, min_shared=min_shared,
             )
+
+    def prefix_store(self, block: int = 64, cache_tokens: int = 16384) -> PrefixStore:
+        """The store of the teacher's prefix keys/values, emptied if its weights changed since
+        it was filled (read it inside :meth:`TeacherWeights.scorer`, e.g. to sample with the
+        context: :func:`opcd.sampling.rollout.sample`'s ``prefix_store``)."""
+        if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
+            self.store = PrefixStore(block=block, max_tokens=cache_tokens)
+        self.store.check(self._fingerprint())
+        return self.store
 
     def head(self) -> tuple[Tensor | Callable[[Tensor], Tensor], Tensor | None]:
         """The teacher's output head: ``(weight, bias)``, or ``(callable, None)`` when the head
