@@ -413,22 +413,32 @@ def test_fsdp_plays_games_with_uneven_turn_counts(tiny_model_dir: Path, tmp_path
                   tol=5e-3)
 
 
-@pytest.mark.parametrize("variant", ["model", "live", "live-naive", "bf16-rollout"])
+@pytest.mark.parametrize("variant", ["model", "live", "live-naive", "bf16-rollout", "offpolicy",
+                                     "offpolicy-lora"])
 def test_fsdp_variants(variant: str, tiny_model_dir: Path, tiny_model_dir_other: Path,
                        tmp_path: Path) -> None:
     """Under FSDP, teacher.mode=model (the other model's layers sharded and gathered to score),
     teacher.mode=live (the sharded student gathered to score; also with the naive computation,
-    which scores per micro-batch) and rollout.dtype=bfloat16 (a whole bf16 copy per process,
-    synced from the gathered weights) take the one-process steps."""
+    which scores per micro-batch), rollout.dtype=bfloat16 (a whole bf16 copy per process,
+    synced from the gathered weights) and the off-policy baseline (the frozen copy, or the
+    LoRA base, gathered once to sample and score its responses; batch 3: one process
+    generates 2 and the other 1 of a step's) take the one-process steps."""
     t = ({"mode": "model", "model": str(tiny_model_dir_other)} if variant == "model"
          else {"mode": "live"} if variant.startswith("live") else {})
     perf = {"prefix_cache": False, "chunked_loss": False} if variant == "live-naive" else {}
     roll = {"dtype": "bfloat16"} if variant == "bf16-rollout" else {}
+    sections: dict[str, dict[str, Any]] = {}
+    if variant.startswith("offpolicy"):  # a context long enough to be sampled from once per batch
+        sections = {"loss": {"top_k": 4}, "task": {"context": "Always answer in French. " * 12}}
+    if variant == "offpolicy-lora":
+        sections["lora"] = {"enabled": True, "r": 4, "alpha": 8}
 
     def cfg(name: str) -> dict[str, Any]:
-        return tiny_config(tiny_model_dir, tmp_path / name,
-                           train={"steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
-                           eval={"size": 2, "every": 0}, teacher=t, perf=perf, rollout=roll)
+        c = tiny_config(tiny_model_dir, tmp_path / name,
+                        train={"steps": 2, "batch_size": 3 if sections else 4,
+                               "micro_batch_size": 2, "lr": 1e-2},
+                        eval={"size": 2, "every": 0}, teacher=t, perf=perf, rollout=roll, **sections)
+        return {**c, "method": "offpolicy"} if sections else c
 
     one = train(cfg("one"), progress=False)
     sharded = cfg("sharded")

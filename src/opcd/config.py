@@ -611,7 +611,7 @@ METHODS: dict[str, MethodSupport] = {
         scorer="the teacher's top-k log-probs, stored with its responses",
         objective="offpolicy.loss (forward KL over the teacher's top-k, or SFT)",
         teacher_modes=("frozen", "model"), rollout_backends=("hf",),
-        rollout_dtype=False, processes=True, fsdp=False,
+        rollout_dtype=False, processes=True, fsdp=True,
         loss_keys=("top_k", "tail", "renormalize", "reduction")),
     "ovd": MethodSupport(
         sampler="the student without the context, rollout.n responses a prompt",

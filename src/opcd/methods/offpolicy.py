@@ -191,7 +191,11 @@ class StoredResponses:
         generated = 0
         if missing:
             share = missing[h.dist.rank::h.dist.world]
-            own = self._generate(share, group=h.step + 1) if share else []
+            perf = h.cfg.perf
+            if perf.prefix_cache:  # checked against the weights before they are gathered
+                h.teacher.prefix_store(perf.prefix_block_tokens, perf.prefix_cache_tokens)
+            with h.teacher.weights.whole():  # FSDP: every process gathers, even with no share
+                own = self._generate(share, group=h.step + 1) if share else []
             generated = len(own)
             order = {h.train_examples[i].id: pos for pos, i in enumerate(missing)}
             group = sorted((r for part in h.dist.gather(own) for r in part),

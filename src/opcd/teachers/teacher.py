@@ -61,6 +61,8 @@ class TeacherWeights:
         self.mode = mode
         self.student = student
         self.adapter_off = False
+        self.gathered = False
+        """Inside :meth:`whole` with sharded weights (gathered whole)."""
         self.model: nn.Module | None = None
         """The teacher's own weights (a frozen copy or another model); None: the student's."""
         if mode == "model":
@@ -93,14 +95,25 @@ class TeacherWeights:
         finally:
             self.student.train(was_training)
 
-    def whole(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[None]:
         """The weights whole for a forward: a no-op unless they are sharded (FSDP: the frozen
         copy's or other model's layers, or a live teacher's student), where every process
-        must enter."""
-        from opcd.runtime.sharding import gathered, has_shards
+        must enter. Re-entrant: inside an outer block (e.g. sampling with the teacher, then
+        scoring what it sampled) the weights stay gathered and nothing is collective."""
+        from opcd.runtime.sharding import gathered as gather_whole
+        from opcd.runtime.sharding import has_shards
 
         module = self.model if self.model is not None else self.student
-        return gathered(module) if has_shards(module) else contextlib.nullcontext()
+        if self.gathered or not has_shards(module):
+            yield
+            return
+        self.gathered = True
+        try:
+            with gather_whole(module):
+                yield
+        finally:
+            self.gathered = False
 
 
 class Teacher:
@@ -164,10 +177,13 @@ class Teacher:
     def prefix_store(self, block: int = 64, cache_tokens: int = 16384) -> PrefixStore:
         """The store of the teacher's prefix keys/values, emptied if its weights changed since
         it was filled (read it inside :meth:`TeacherWeights.scorer`, e.g. to sample with the
-        context: :func:`opcd.sampling.rollout.sample`'s ``prefix_store``)."""
+        context: :func:`opcd.sampling.rollout.sample`'s ``prefix_store``). Inside
+        :meth:`TeacherWeights.whole` the weights cannot change and are not checked: call this
+        once before entering it."""
         if self.store is None or self.store.block != block or self.store.max_tokens != cache_tokens:
             self.store = PrefixStore(block=block, max_tokens=cache_tokens)
-        self.store.check(self._fingerprint())
+        if not self.weights.gathered:  # gathered copies are new tensors: check before gathering
+            self.store.check(self._fingerprint())
         return self.store
 
     def head(self) -> tuple[Tensor | Callable[[Tensor], Tensor], Tensor | None]:
