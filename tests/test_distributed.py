@@ -303,6 +303,43 @@ def test_ovd_on_two_processes_equals_one(tiny_model_dir: Path, tmp_path: Path) -
     _assert_close(weights(two_dir / "final"), weights(one.final_model), weights(tiny_model_dir))
 
 
+def test_fsdp_ovd_equals_one_process_and_replaces_without_waiting(tiny_model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """OVD with the student sharded: the frozen teacher (a sharded copy) gathered once per
+    step for all of a process's ratings and replacements. Without replacements the step is
+    the one-process step; with every response rejected (threshold 9 > the random teacher's
+    expected digits, ~4.5)
+    each process generates its own replacements inside that gather, a different number of
+    forwards per process, and the run still finishes."""
+    from test_ovd import ovd_config
+
+    def cfg(name: str, threshold: int) -> dict[str, Any]:
+        c = ovd_config(tiny_model_dir, tmp_path / name, score_mode="expected", threshold=threshold)
+        c["train"].update(steps=1, batch_size=3, micro_batch_size=2)
+        c["eval"].update(size=2, every=0)
+        return c
+
+    one = train(cfg("one", 0), progress=False)
+    sharded = cfg("sharded", 0)
+    _launch(sharded, tmp_path / "sharded", fsdp=True)
+    sharded_dir = Path(sharded["run"]["dir"])
+    step = [json.loads(r) for r in (sharded_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(r)["type"] == "train"][0]
+    for key in ("loss", "grad_norm", "verbal_score", "reward", "student_response_len"):
+        assert step[key] == pytest.approx(one.history[0][key], rel=1e-4, abs=1e-6), key
+    # the gradient is the one-process gradient (its norm above); AdamW's first update (about
+    # lr * sign(g)) turns summation-order differences of near-zero gradients (rows whose
+    # advantages nearly cancel) into visible ones: the FrozenLake test's looser bound
+    _assert_close(weights(sharded_dir / "final"), weights(one.final_model), weights(tiny_model_dir),
+                  tol=5e-3)
+
+    replacing = cfg("replacing", 9)
+    _launch(replacing, tmp_path / "replacing", fsdp=True)
+    step = [json.loads(r) for r in (Path(replacing["run"]["dir"]) / "metrics.jsonl")
+            .read_text().splitlines() if json.loads(r)["type"] == "train"][0]
+    assert step["processes"] == 2 and step["replaced_frac"] == 1.0
+
+
 def test_offpolicy_on_two_processes_equals_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The off-policy baseline data parallel: each process generates its share of a step's
     missing teacher responses (each response seeded by its example, not by who generates

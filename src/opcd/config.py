@@ -618,7 +618,7 @@ METHODS: dict[str, MethodSupport] = {
         scorer="the verbal teacher's 0-9 score (low-scored responses replaced)",
         objective="a clipped policy gradient on group-normalised scores",
         teacher_modes=("frozen", "live", "model"), rollout_backends=("hf", "vllm"),
-        rollout_dtype=True, processes=True, fsdp=False,
+        rollout_dtype=True, processes=True, fsdp=True,
         loss_keys=("reduction",)),
 }
 """Which sampler / scorer / objective each method is, and which settings it supports:

@@ -24,6 +24,7 @@ teacher would have to play the game), so ``ovd.threshold`` does not apply there.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +56,7 @@ from opcd.sampling.rollout import eos_ids
 from opcd.tasks.base import Example, Task
 from opcd.tasks.chat import student_messages, teacher_messages
 from opcd.teachers.scoring import pack, response_hidden
+from opcd.teachers.teacher import TeacherWeights
 from opcd.teachers.verbal import ModelVerbalTeacher, VerbalTeacher, digit_token_ids
 from opcd.training.method import Host, Method, Rows, Targets, Totals
 
@@ -171,7 +173,11 @@ class VerbalScorer:
 
     # ------------------------------------------------------------------ the scorer
     def score(self, rows: Rows) -> Targets:
-        return self._score_episodes(rows) if self.episodes else self._score_responses(rows)
+        # FSDP: every process gathers a local teacher's weights once for all its calls (its
+        # ratings and replacements differ in number from the other processes')
+        weights = getattr(self.host.teacher, "weights", None)
+        with weights.whole() if isinstance(weights, TeacherWeights) else contextlib.nullcontext():
+            return self._score_episodes(rows) if self.episodes else self._score_responses(rows)
 
     def _score_responses(self, rows: Rows) -> Targets:
         """Rate, replace the rejected responses in ``rows`` (in place), rate the
@@ -324,8 +330,9 @@ class PolicyGradientObjective:
         h = self.host
         assert targets.advantages is not None
         adv, responses = targets.advantages[sl], rows.responses[sl]
-        if all(float(a) == 0.0 or not r for a, r in zip(adv, responses, strict=True)):
-            # no signal: its gradient would be exactly zero
+        if not h.dist.fsdp and all(float(a) == 0.0 or not r for a, r in zip(adv, responses, strict=True)):
+            # no signal: its gradient would be exactly zero (under FSDP the forward still runs:
+            # every process must take part in each micro-batch's gathers)
             return (torch.zeros((), device=h.device, requires_grad=True),
                     {"clip_frac": torch.zeros(0, device=h.device)})
         sb = pack([rows.pairs[i].student_ids for i in rows.roll.prompt_index[sl]], responses,
