@@ -4,7 +4,7 @@
 # and lost the JSON prompt at 32 (-0.225): is there a step count that meets both? Seed 1
 # to 24 steps, evaluated every 8, then scripts/objectives/ood_rules24.yaml (80 held-out
 # prompts per behaviour, paired with the base per item). ~35 min of training alone.
-#   SEEDS="0 1 2" bash scripts/objectives/seeds_rules24.sh    (default: 1)
+#   SEEDS="0 1 2" bash scripts/objectives/seeds_rules24.sh    (default: 1; finished seeds are skipped)
 set -u
 cd "$(dirname "$0")/../.."
 for s in ${SEEDS:-1}; do
