@@ -8,6 +8,7 @@ one-process references run in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import yaml
 from conftest import save_tiny, sum_tolerance
 from test_trainer import tiny_config, weights
 
-from opcd.config import config_from_dict
+from opcd.config import METHODS, config_from_dict
 from opcd.errors import ConfigError
 from opcd.eval.evaluate import EvalResult, merge_results
 from opcd.runtime.distributed import Dist, launched
@@ -113,7 +114,8 @@ def test_fsdp_settings_from_the_launcher(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Dist(0, 1, fsdp=FsdpSettings()).fsdp is None  # one process: nothing to shard
 
 
-def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config_from_dict(tiny_config(tiny_model_dir, tmp_path))
     check_distributed(cfg, Dist(0, 2))  # batch 4 on 2 processes: fine
     check_distributed(cfg, Dist())  # anything goes on one process
@@ -122,12 +124,14 @@ def test_settings_a_multi_process_run_cannot_honour(tiny_model_dir: Path, tmp_pa
     ovd = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=ovd", "rollout.n=2"])
     check_distributed(ovd, Dist(1, 2))  # data parallel: fine
     sharded = Dist(0, 2, fsdp=FsdpSettings())
-    with pytest.raises(ConfigError, match="method=ovd runs data parallel but not .*FSDP.*--multi_gpu"):
-        check_distributed(ovd, sharded)
+    check_distributed(ovd, sharded)  # every method runs sharded now
     offpolicy = config_from_dict(tiny_config(tiny_model_dir, tmp_path), ["method=offpolicy"])
     check_distributed(offpolicy, Dist(1, 2))  # data parallel: fine
-    with pytest.raises(ConfigError, match="method=offpolicy runs data parallel but not .*FSDP"):
-        check_distributed(offpolicy, sharded)
+    check_distributed(offpolicy, sharded)
+    # a method whose table row refuses FSDP is stopped with the fix
+    monkeypatch.setitem(METHODS, "ovd", dataclasses.replace(METHODS["ovd"], fsdp=False))
+    with pytest.raises(ConfigError, match="method=ovd runs data parallel but not .*FSDP.*--multi_gpu"):
+        check_distributed(ovd, sharded)
     check_distributed(cfg, sharded)
     for override in ("lora.enabled=true", "teacher.mode=live", "rollout.dtype=bfloat16"):
         check_distributed(config_from_dict(tiny_config(tiny_model_dir, tmp_path), [override]), sharded)
