@@ -50,7 +50,7 @@ from opcd.runtime.jsonl import HeaderMismatch, JsonlFile
 from opcd.sampling import rollout
 from opcd.sampling.rollout import Rollout
 from opcd.tasks.base import derive_seed
-from opcd.teachers.scoring import pack, response_hidden
+from opcd.teachers.scoring import PrefixStore, pack, response_hidden
 from opcd.training.method import Host, Method, Rows, Targets, Totals
 
 RESPONSES_FILE = "teacher_responses.jsonl"
@@ -191,11 +191,11 @@ class StoredResponses:
         generated = 0
         if missing:
             share = missing[h.dist.rank::h.dist.world]
-            perf = h.cfg.perf
-            if perf.prefix_cache:  # checked against the weights before they are gathered
-                h.teacher.prefix_store(perf.prefix_block_tokens, perf.prefix_cache_tokens)
+            perf = h.cfg.perf  # the prefix store is checked against the weights before they are gathered
+            store = h.teacher.prefix_store(perf.prefix_block_tokens, perf.prefix_cache_tokens) \
+                if perf.prefix_cache else None
             with h.teacher.weights.whole():  # FSDP: every process gathers, even with no share
-                own = self._generate(share, group=h.step + 1) if share else []
+                own = self._generate(share, group=h.step + 1, store=store) if share else []
             generated = len(own)
             order = {h.train_examples[i].id: pos for pos, i in enumerate(missing)}
             group = sorted((r for part in h.dist.gather(own) for r in part),
@@ -207,17 +207,17 @@ class StoredResponses:
         return out, generated
 
     @torch.no_grad()
-    def _generate(self, idx: list[int], group: int) -> list[dict[str, Any]]:
+    def _generate(self, idx: list[int], group: int, store: PrefixStore | None = None
+                  ) -> list[dict[str, Any]]:
         """The teacher's ``rollout.n`` responses to each of ``idx``, with the context, and
-        their top-k log-probs (``group_size`` is set by the caller, once the whole group is known)."""
+        their top-k log-probs (``group_size`` is set by the caller, once the whole group is known).
+        ``store``: the teacher's prefix store (checked against its weights by the caller)."""
         h = self.host
         cfg = h.cfg
         T, k = cfg.rollout.temperature, cfg.loss.top_k
         pairs = h.prompt_pairs(idx)
         seeds = [derive_seed("offpolicy", cfg.train.seed, h.train_examples[i].id) for i in idx]
         perf = cfg.perf
-        store = h.teacher.prefix_store(perf.prefix_block_tokens, perf.prefix_cache_tokens) \
-            if perf.prefix_cache else None
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None), \
                 h.teacher.weights.scorer() as model:
             roll = rollout.sample(

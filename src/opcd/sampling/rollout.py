@@ -4,9 +4,10 @@ Prompts are left-padded and generated in batches with the KV cache (:func:`decod
 prompt is read once, finished rows leave the batch; ``model.generate`` for models whose
 cache is not a plain one); generation stops per row at an end-of-sequence token. A
 response keeps every generated token up to and including the first EOS (the EOS is a
-sampled token and is trained); rows that hit ``max_new_tokens`` are marked truncated. A prompt prefix every row of a batch
-shares (a context in the system message: the off-policy teacher's and in-context
-evaluation's prompts) is read once for the batch and its keys/values shared by the rows
+sampled token and is trained); rows that hit ``max_new_tokens`` are marked truncated. A
+prompt prefix every row of a batch shares (a context in the system message: the off-policy
+teacher's and in-context evaluation's prompts) is read once for the batch and its
+keys/values shared by the rows
 (``share_prefix``; the 0.5B on the ~1,180-token knowledge prompts, 8 rows, 24 new tokens:
 89 s with the context read in every row, 18 s once, 8 s from a store:
 ``python benchmarks/micro.py context``, figures in ``benchmarks/results.md``).
@@ -352,12 +353,11 @@ def sample(
     try:
         if pack and rows:
             packing.enter_context(packed_linears(model, pack_rows, pack if isinstance(pack, str) else None))
+        plain_cache = prefix_cache_supported(model)
+        loop = engine == "loop" or (engine == "auto" and plain_cache)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            loop = engine == "loop" or (engine == "auto" and prefix_cache_supported(model))
-            shared = 0
-            if loop and share_prefix and prefix_cache_supported(model):
-                shared = shared_prefix_len([p for _, p in chunk])
+            shared = shared_prefix_len([p for _, p in chunk]) if loop and share_prefix and plain_cache else 0
             ids, mask = left_padded([p[shared:] for _, p in chunk], pad_id)
             L = ids.shape[1]
             if loop:
